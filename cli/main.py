@@ -1,0 +1,26 @@
+"""The `ci-store` console script: one click group; each command module registers itself here."""
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ci-store")
+def main():
+    """ci-store: compress teacher labels for ASR knowledge distillation into codebook-index stores."""
+
+
+def _register():
+    # Each command lives in its own module; importing it attaches it to `main`.
+    import importlib
+    import pkgutil
+
+    import cli as _pkg
+
+    for mod in pkgutil.iter_modules(_pkg.__path__):
+        if mod.name.startswith("cmd_"):
+            importlib.import_module(f"cli.{mod.name}")
+
+
+_register()
+
+if __name__ == "__main__":
+    main()
