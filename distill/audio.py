@@ -1,0 +1,166 @@
+"""Read one utterance as float32 mono at the teacher's rate, with errors that name the utterance and file.
+
+Audio goes through fsspec so local disks, S3 and GCS work alike; resampling is a polyphase Kaiser-windowed sinc
+filter in numpy (no scipy/torchaudio needed) aligned like scipy.signal.resample_poly, and the output length is
+exactly `Utterance.num_samples_at(rate)` (ceil(n * to / from)) so frame counts are known before audio is read.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import soundfile as sf
+
+from distill.manifest import Utterance, compute_num_samples, resampled_length
+
+__all__ = ["AudioError", "read_audio", "resample"]
+
+# Same default as lhotse (LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE): headers are sometimes a few ms off.
+DURATION_TOLERANCE_S = 0.025
+
+
+class AudioError(Exception):
+    """An utterance's audio cannot be used; `.utt_id`, `.reason` and `.path` say which and why."""
+
+    def __init__(self, utt_id: str, reason: str, path: str | None = None):
+        self.utt_id, self.reason, self.path = utt_id, reason, path
+        where = f" (file {path})" if path else ""
+        super().__init__(f"utterance {utt_id!r}{where}: {reason}")
+
+    def __reduce__(self):  # keep all fields across process boundaries (Dask workers pickle exceptions)
+        return (type(self), (self.utt_id, self.reason, self.path))
+
+
+@contextmanager
+def _open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
+    """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError."""
+    try:
+        f = fsspec.open(utt.audio, "rb", **(storage_options or {})).open()
+    except FileNotFoundError:
+        raise AudioError(utt.id, "audio file not found", utt.audio) from None
+    except Exception as e:  # permissions, directories, bad URLs, network: all fatal for this utterance
+        raise AudioError(utt.id, f"cannot open audio file ({type(e).__name__}: {e})", utt.audio) from None
+    try:
+        try:
+            snd = sf.SoundFile(f)
+        except Exception as e:  # LibsndfileError (a RuntimeError) for corrupt/unknown formats
+            size = None
+            try:
+                f.seek(0, 2)
+                size = f.tell()
+            except Exception:
+                pass
+            if size == 0:
+                raise AudioError(utt.id, "empty audio file (0 bytes)", utt.audio) from None
+            raise AudioError(utt.id, f"unreadable or corrupt audio ({e})", utt.audio) from None
+        with snd:
+            yield snd
+    finally:
+        f.close()
+
+
+# Kaiser-windowed sinc: 32 zero crossings per side, beta 8, cutoff at 0.93 x the lower Nyquist. Measured for
+# 22.05 -> 16 kHz: flat to 6.5 kHz, -0.2 dB at 7 kHz, >= 84 dB rejection of everything above 8 kHz (no aliasing).
+ZERO_CROSSINGS, KAISER_BETA, ROLLOFF = 32, 8.0, 0.93
+
+
+@functools.lru_cache(maxsize=32)
+def _polyphase_bank(up: int, down: int) -> tuple[np.ndarray, int]:
+    """The anti-aliasing low-pass at the up-sampled rate, split into `up` phases: bank[p, m + lim] = h(p + m*up),
+    so that y[n] = sum_m x[n*down // up - m] * bank[(n*down) % up, m + lim]."""
+    max_rate = max(up, down)
+    half = ZERO_CROSSINGS * max_rate
+    taps = np.arange(-half, half + 1, dtype=np.float64)
+    cutoff = ROLLOFF / max_rate
+    h = cutoff * np.sinc(cutoff * taps) * np.kaiser(2 * half + 1, KAISER_BETA)
+    h = h / h.sum() * up
+    lim = half // up + 1
+    m = np.arange(-lim, lim + 1)
+    idx = np.arange(up)[:, None] + m[None, :] * up  # offset from the filter centre
+    bank = np.where(np.abs(idx) <= half, h[np.clip(idx + half, 0, 2 * half)], 0.0)
+    return bank.astype(np.float32), lim
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int, *, block: int = 8192) -> np.ndarray:
+    """Band-limited resampling of a 1-D signal; returns ceil(len(x) * to_rate / from_rate) samples (float32)."""
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"resample expects a 1-D signal, got shape {x.shape}")
+    if from_rate == to_rate:
+        return x.astype(np.float32, copy=False)
+    g = math.gcd(int(from_rate), int(to_rate))
+    up, down = int(to_rate) // g, int(from_rate) // g
+    n_out = resampled_length(len(x), from_rate, to_rate)
+    bank, lim = _polyphase_bank(up, down)
+    xp = np.concatenate([np.zeros(lim + 1, np.float32), x.astype(np.float32), np.zeros(lim + 2, np.float32)])
+    m = np.arange(-lim, lim + 1)
+    y = np.empty(n_out, dtype=np.float32)
+    for s in range(0, n_out, block):
+        t = np.arange(s, min(s + block, n_out), dtype=np.int64) * down
+        k0, phase = t // up, t % up
+        gathered = xp[(k0[:, None] - m[None, :]) + lim + 1]
+        y[s:s + len(t)] = np.einsum("nm,nm->n", gathered, bank[phase])
+    return y
+
+
+def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = None, *,
+               min_samples: int = 1, duration_tolerance: float = DURATION_TOLERANCE_S) -> np.ndarray:
+    """The utterance's samples as float32 mono at `target_rate`, exactly `utt.num_samples_at(target_rate)` long
+    (or, when the manifest has no length, the rest of the file from `offset`).
+
+    Raises AudioError for: missing/unreadable/corrupt/empty files, a file rate different from the manifest's,
+    a segment past the end of the file or more than `duration_tolerance` seconds short, a missing channel,
+    NaN/Inf samples, and results shorter than `min_samples` (counted at `target_rate`).
+    """
+    target_rate = int(target_rate)
+    with _open_sound(utt, storage_options) as snd:
+        sr, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
+        if utt.sample_rate is not None and utt.sample_rate != sr:
+            raise AudioError(utt.id, f"sample rate mismatch: file is {sr} Hz, manifest says {utt.sample_rate} Hz",
+                             utt.audio)
+        if frames <= 0:
+            raise AudioError(utt.id, "empty audio (0 samples)", utt.audio)
+        if utt.channel is not None and not 0 <= utt.channel < channels:
+            raise AudioError(utt.id, f"channel {utt.channel} requested but the file has {channels} channel(s)",
+                             utt.audio)
+        start = compute_num_samples(utt.offset, sr)
+        if utt.num_samples is not None:
+            want = int(utt.num_samples)
+        elif utt.duration is not None:
+            want = compute_num_samples(utt.duration, sr)
+        else:
+            want = max(frames - start, 0)
+        if start >= frames:
+            raise AudioError(utt.id, f"offset {utt.offset}s is past the end of the file ({frames / sr:.3f}s)",
+                             utt.audio)
+        if want <= 0:
+            raise AudioError(utt.id, "empty audio (segment has 0 samples)", utt.audio)
+        try:
+            snd.seek(start)
+            data = snd.read(want, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise AudioError(utt.id, f"decoding failed ({e})", utt.audio) from None
+    short = want - data.shape[0]
+    if short > 0:
+        if data.shape[0] == 0:
+            raise AudioError(utt.id, "empty audio (nothing could be read)", utt.audio)
+        if short > duration_tolerance * sr:
+            raise AudioError(utt.id, f"audio truncated: expected {want} samples from {start}, file gave "
+                                     f"{data.shape[0]} ({short / sr:.3f}s short)", utt.audio)
+        data = np.pad(data, ((0, short), (0, 0)), mode="edge")  # lhotse-style tolerance for header rounding
+    mono = data[:, utt.channel] if utt.channel is not None else data.mean(axis=1, dtype=np.float64)
+    if not np.isfinite(mono).all():
+        bad = int(np.count_nonzero(~np.isfinite(mono)))
+        raise AudioError(utt.id, f"audio contains {bad} NaN/Inf sample(s)", utt.audio)
+    out = resample(mono, sr, target_rate)
+    n = resampled_length(want, sr, target_rate)
+    if len(out) != n:  # cannot happen with our resampler, kept as a guard on the documented contract
+        out = out[:n] if len(out) > n else np.pad(out, (0, n - len(out)), mode="edge")
+    if n < min_samples:
+        raise AudioError(utt.id, f"audio too short: {n} samples at {target_rate} Hz < minimum {min_samples}",
+                         utt.audio)
+    return np.ascontiguousarray(out, dtype=np.float32)
