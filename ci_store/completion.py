@@ -1,0 +1,68 @@
+"""Per-shard completion records: small JSON objects at done/shard-NNNNNN.json, written after the shard's data.
+
+A record's existence is what makes a shard complete, so a job killed mid-shard leaves that shard incomplete and
+a resumed job rewrites it. Records hold no timestamps or host names: the same labels give byte-identical records,
+so an interrupted-then-resumed store equals an uninterrupted one object for object.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from .errors import StoreError
+from .format import FORMAT_VERSION, done_key, shard_key
+
+RECORD_FORMAT = "ci-store-shard"
+
+
+def data_sha256(block: np.ndarray) -> str:
+    """sha256 of a shard's decoded rows (padding included), little-endian, C order."""
+    le = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+    return hashlib.sha256(le.view(np.uint8).reshape(-1)).hexdigest()
+
+
+def build_record(array: str, shard, capacity: int, failures: dict[str, str], block_sha: str,
+                 payload: bytes | None) -> dict:
+    return {
+        "format": RECORD_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shard": shard.index,
+        "start": shard.start,
+        "capacity": capacity,
+        "frames": shard.size,
+        "num_utterances": len(shard.utt_ids),
+        "num_failed": len(failures),
+        "failures": {k: failures[k] for k in sorted(failures)},
+        "data_sha256": block_sha,
+        "object_key": shard_key(array, shard.index),
+        "object_nbytes": 0 if payload is None else len(payload),
+        "object_sha256": None if payload is None else hashlib.sha256(payload).hexdigest(),
+    }
+
+
+def encode_record(record: dict) -> bytes:
+    return (json.dumps(record, sort_keys=True, indent=1) + "\n").encode()
+
+
+def decode_record(data: bytes, shard: int, where: str) -> dict:
+    try:
+        rec = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{where}/{done_key(shard)}: completion record is not valid JSON ({e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or rec.get("shard") != shard:
+        raise StoreError(f"{where}/{done_key(shard)}: not a completion record for shard {shard}")
+    if not isinstance(rec.get("failures"), dict):
+        raise StoreError(f"{where}/{done_key(shard)}: completion record has no failures map")
+    return rec
+
+
+def shard_from_done_key(key: str) -> int | None:
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("shard-") and name.endswith(".json"):
+        try:
+            return int(name[len("shard-"):-len(".json")])
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,141 @@
+"""Open a store URL as a zarr Store and give the rest of ci_store a small synchronous object API.
+
+Local paths (and file://) use zarr's LocalStore; every other URL (memory://, s3://, gs://, chained caching
+URLs such as simplecache::s3://...) goes through fsspec via zarr's FsspecStore, with storage_options passed
+through unchanged. All object I/O runs on zarr's own event loop (zarr.core.sync), which zarr resets after a fork;
+an fsspec filesystem bound to the parent's loop is never reused in a child (see CIStore's per-process handles).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Iterable, Sequence
+
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from .errors import StoreError
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and "::" not in url or url.startswith("file://") and "::" not in url
+
+
+def local_path(url: str) -> str:
+    return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def normalize_url(url) -> str:
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise StoreError(f"store URL must be a non-empty string or path, got {url!r}")
+    url = url.rstrip("/") or "/"
+    return local_path(url) if is_local(url) else url
+
+
+class ObjectStore:
+    """Synchronous get/set/list of whole or partial objects under one store root."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, read_only: bool = False):
+        self.url = normalize_url(url)
+        self.storage_options = dict(storage_options or {})
+        self.read_only = read_only
+        if is_local(self.url):
+            if self.storage_options:
+                raise StoreError(f"storage_options given for the local path {self.url}; they apply to fsspec URLs only")
+            if read_only and not os.path.isdir(self.url):
+                raise StoreError(f"{self.url}: no such directory (not a ci-store)")
+            self.zarr_store = LocalStore(self.url, read_only=read_only)
+        else:
+            try:
+                self.zarr_store = FsspecStore.from_url(self.url, storage_options=self.storage_options,
+                                                       read_only=read_only)
+            except (ImportError, ValueError) as e:
+                raise StoreError(f"cannot open {self.url}: {e}") from e
+        self._proto = default_buffer_prototype()
+
+    # --- reads -------------------------------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        buf = sync(self.zarr_store.get(key, self._proto))
+        return None if buf is None else buf.to_bytes()
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Whole objects, fetched concurrently."""
+        async def run():
+            bufs = await asyncio.gather(*(self.zarr_store.get(k, self._proto) for k in keys))
+            return [None if b is None else b.to_bytes() for b in bufs]
+        return sync(run()) if keys else []
+
+    def get_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes | None]:
+        """Byte ranges [start, end) of objects, fetched concurrently; None for a missing object."""
+        async def run():
+            bufs = await asyncio.gather(*(self.zarr_store.get(k, self._proto, RangeByteRequest(a, b))
+                                          for k, a, b in requests))
+            return [None if b is None else b.to_bytes() for b in bufs]
+        return sync(run()) if requests else []
+
+    def get_suffixes(self, requests: Sequence[tuple[str, int]]) -> list[bytes | None]:
+        """The last n bytes of each object, fetched concurrently."""
+        async def run():
+            bufs = await asyncio.gather(*(self.zarr_store.get(k, self._proto, SuffixByteRequest(n))
+                                          for k, n in requests))
+            return [None if b is None else b.to_bytes() for b in bufs]
+        return sync(run()) if requests else []
+
+    def exists(self, key: str) -> bool:
+        return bool(sync(self.zarr_store.exists(key)))
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        async def run():
+            return [k async for k in self.zarr_store.list_prefix(prefix)]
+        return sorted(sync(run()))
+
+    def list_all(self) -> list[str]:
+        async def run():
+            return [k async for k in self.zarr_store.list()]
+        return sorted(sync(run()))
+
+    def getsize(self, key: str) -> int:
+        return int(sync(self.zarr_store.getsize(key)))
+
+    def total_size(self) -> int:
+        """Bytes of all objects under the root (what the store costs on storage)."""
+        if is_local(self.url):
+            total = 0
+            for root, _, files in os.walk(self.url):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+            return total
+        keys = self.list_all()
+
+        async def run():
+            sizes = await asyncio.gather(*(self.zarr_store.getsize(k) for k in keys))
+            return sum(int(s) for s in sizes)
+        return sync(run()) if keys else 0
+
+    # --- writes ------------------------------------------------------------------------------------------------
+    def set(self, key: str, data: bytes) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.url} is open read-only; cannot write {key}")
+        sync(self.zarr_store.set(key, self._proto.buffer.from_bytes(data)))
+
+    def delete(self, key: str) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.url} is open read-only; cannot delete {key}")
+        sync(self.zarr_store.delete(key))
+
+    def is_empty(self) -> bool:
+        if is_local(self.url) and not os.path.exists(self.url):
+            return True
+        return bool(sync(self.zarr_store.is_empty("")))
+
+
+def existing_keys(objects: ObjectStore, keys: Iterable[str]) -> set[str]:
+    keys = list(keys)
+
+    async def run():
+        found = await asyncio.gather(*(objects.zarr_store.exists(k) for k in keys))
+        return {k for k, f in zip(keys, found) if f}
+    return sync(run()) if keys else set()

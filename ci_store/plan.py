@@ -1,0 +1,259 @@
+"""Shard planning: assign utterances to fixed-capacity shards before any label exists.
+
+Planning first (frame counts are known exactly from the audio) lets every shard be written by exactly one
+task, lets the index be written at create time, and guarantees that no utterance crosses a shard boundary.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import StoreError, name_some
+
+PLAN_FORMAT = "ci-store-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard: rows [start, start + capacity) of the label array; utterances fill [start, start + size).
+
+    `offsets` are global row offsets in the label array (not shard-local); rows after `start + size`
+    up to the capacity are padding.
+    """
+
+    index: int
+    start: int
+    size: int
+    utt_ids: tuple[str, ...]
+    offsets: tuple[int, ...]
+    num_frames: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        """One past the last row holding utterance data."""
+        return self.start + self.size
+
+    def __len__(self) -> int:
+        return len(self.utt_ids)
+
+
+class ShardPlan:
+    """Utterances in storage order, grouped into shards of `shard_frames` rows each."""
+
+    def __init__(self, shard_frames: int, shards: Sequence[Shard]):
+        self.shard_frames = int(shard_frames)
+        self.shards: list[Shard] = list(shards)
+        self._shard_of: dict[str, int] | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def total_frames(self) -> int:
+        """Frames of utterance data (padding excluded)."""
+        return sum(s.size for s in self.shards)
+
+    @property
+    def padded_frames(self) -> int:
+        """Rows of the label array: every shard at full capacity."""
+        return self.num_shards * self.shard_frames
+
+    @property
+    def num_utterances(self) -> int:
+        return sum(len(s.utt_ids) for s in self.shards)
+
+    @property
+    def ids(self) -> list[str]:
+        return [u for s in self.shards for u in s.utt_ids]
+
+    def shard_of(self, utt_id: str) -> int:
+        if self._shard_of is None:
+            self._shard_of = {u: s.index for s in self.shards for u in s.utt_ids}
+        try:
+            return self._shard_of[utt_id]
+        except KeyError:
+            raise KeyError(f"utterance {utt_id!r} is not in the plan") from None
+
+    def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, offsets int64, num_frames int64, shard int32) in storage order: the stored index."""
+        ids = self.ids
+        offsets = np.fromiter((o for s in self.shards for o in s.offsets), np.int64, len(ids))
+        frames = np.fromiter((n for s in self.shards for n in s.num_frames), np.int64, len(ids))
+        shard = np.fromiter((s.index for s in self.shards for _ in s.utt_ids), np.int32, len(ids))
+        return ids, offsets, frames, shard
+
+    @classmethod
+    def from_arrays(cls, shard_frames: int, ids: Sequence[str], offsets, num_frames, shard) -> "ShardPlan":
+        """Rebuild a plan from the stored index, checking that it is a valid layout."""
+        offsets = np.asarray(offsets, np.int64)
+        num_frames = np.asarray(num_frames, np.int64)
+        shard = np.asarray(shard, np.int64)
+        ids = [str(u) for u in ids]
+        n = len(ids)
+        if not (len(offsets) == len(num_frames) == len(shard) == n):
+            raise StoreError(f"index arrays have different lengths: ids {n}, offsets {len(offsets)}, "
+                             f"num_frames {len(num_frames)}, shard {len(shard)}")
+        problems = layout_problems(shard_frames, ids, offsets, num_frames, shard)
+        if problems:
+            raise StoreError("invalid shard layout: " + "; ".join(problems[:10]))
+        shards = []
+        num_shards = int(shard.max()) + 1 if n else 0
+        bounds = np.searchsorted(shard, np.arange(num_shards + 1))
+        for i in range(num_shards):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            start = i * shard_frames
+            shards.append(Shard(i, start, int(num_frames[a:b].sum()), tuple(ids[a:b]),
+                                tuple(int(x) for x in offsets[a:b]), tuple(int(x) for x in num_frames[a:b])))
+        return cls(shard_frames, shards)
+
+    def to_json(self) -> str:
+        """A self-contained JSON text: the explicit shard of every utterance (not just the inputs to greedy fill)."""
+        ids, _, frames, shard = self.arrays()
+        return json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION, "shard_frames": self.shard_frames,
+                           "ids": ids, "num_frames": frames.tolist(), "shard": shard.tolist()},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ShardPlan":
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise StoreError("not a ci-store shard plan (missing format 'ci-store-plan')")
+        if int(d.get("version", 0)) > PLAN_VERSION:
+            raise StoreError(f"shard plan version {d['version']} is newer than supported ({PLAN_VERSION})")
+        sf = int(d["shard_frames"])
+        frames = np.asarray(d["num_frames"], np.int64)
+        shard = np.asarray(d["shard"], np.int64)
+        offsets = _contiguous_offsets(sf, frames, shard)
+        return cls.from_arrays(sf, d["ids"], offsets, frames, shard)
+
+    def sha256(self) -> str:
+        """Identity of the layout: equal plans give equal hashes (used to match a store on resume)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ShardPlan) and self.shard_frames == other.shard_frames and self.shards == other.shards
+
+    def __repr__(self) -> str:
+        return (f"ShardPlan(num_shards={self.num_shards}, num_utterances={self.num_utterances}, "
+                f"total_frames={self.total_frames}, shard_frames={self.shard_frames})")
+
+
+def _contiguous_offsets(shard_frames: int, frames: np.ndarray, shard: np.ndarray) -> np.ndarray:
+    """Offsets implied by packing utterances back to back from the start of their shard."""
+    offsets = np.empty(len(frames), np.int64)
+    pos, cur = 0, -1
+    for k, (n, s) in enumerate(zip(frames.tolist(), shard.tolist())):
+        if s != cur:
+            cur, pos = s, s * shard_frames
+        offsets[k] = pos
+        pos += n
+    return offsets
+
+
+def layout_problems(shard_frames: int, ids: Sequence[str], offsets: np.ndarray, num_frames: np.ndarray,
+                    shard: np.ndarray) -> list[str]:
+    """Every way the index breaks the layout rules (used by from_arrays and by verify)."""
+    problems = []
+    n = len(ids)
+    if shard_frames <= 0:
+        return [f"shard_frames must be positive, got {shard_frames}"]
+    if n == 0:
+        return problems
+    if len(set(ids)) != n:
+        seen, dup = set(), []
+        for u in ids:
+            if u in seen:
+                dup.append(u)
+            seen.add(u)
+        problems.append(f"duplicate utterance ids: {name_some(dup)}")
+    bad = np.flatnonzero(num_frames <= 0)
+    if len(bad):
+        problems.append(f"utterances with no frames: {name_some(ids[i] for i in bad)}")
+    if shard[0] != 0 or np.any(np.diff(shard) < 0) or np.any(np.diff(shard) > 1):
+        problems.append("shard numbers are not 0, 1, 2, ... in storage order (empty shard or out of order)")
+    start = shard.astype(np.int64) * shard_frames
+    end = offsets + num_frames
+    out = np.flatnonzero((offsets < start) | (end > start + shard_frames))
+    if len(out):
+        problems.append(f"utterances crossing or outside their shard: {name_some(ids[i] for i in out)}")
+    same = shard[1:] == shard[:-1]
+    gap = np.flatnonzero(same & (offsets[1:] != end[:-1]))
+    if len(gap):
+        problems.append(f"utterances not contiguous with the previous one (gap or overlap): "
+                        f"{name_some(ids[i + 1] for i in gap)}")
+    first = np.flatnonzero(np.concatenate([[True], ~same]))
+    notstart = [i for i in first if offsets[i] != start[i]]
+    if notstart:
+        problems.append(f"first utterance of a shard not at the shard start: {name_some(ids[i] for i in notstart)}")
+    return problems
+
+
+def plan_shards(utt_frames: Mapping[str, int] | Iterable[tuple[str, int]], shard_frames: int = 1 << 20) -> ShardPlan:
+    """Greedy fill in the given order: an utterance that does not fit in the current shard starts the next one.
+
+    Errors (StoreError, naming the utterances): duplicate ids, non-positive or non-integer frame counts, an
+    utterance longer than `shard_frames` (choose a larger shard_frames), an empty plan.
+    """
+    items = list(utt_frames.items()) if isinstance(utt_frames, Mapping) else list(utt_frames)
+    shard_frames = _positive_int(shard_frames, "shard_frames")
+    if not items:
+        raise StoreError("cannot plan a store with no utterances")
+    ids, frames, bad_type, seen, dups = [], [], [], set(), []
+    for item in items:
+        try:
+            uid, n = item
+        except (TypeError, ValueError):
+            raise StoreError(f"plan entries must be (utterance_id, num_frames) pairs, got {item!r}") from None
+        if not isinstance(uid, str) or not uid:
+            bad_type.append(uid)
+            continue
+        if uid in seen:
+            dups.append(uid)
+        seen.add(uid)
+        ids.append(uid)
+        frames.append(n)
+    if bad_type:
+        raise StoreError(f"utterance ids must be non-empty strings, got {name_some(bad_type)}")
+    if dups:
+        raise StoreError(f"duplicate utterance ids: {name_some(dups)}")
+    nonint = [u for u, n in zip(ids, frames) if isinstance(n, bool) or not isinstance(n, (int, np.integer))]
+    if nonint:
+        raise StoreError(f"frame counts must be integers; utterances {name_some(nonint)} have "
+                         f"{name_some(frames[ids.index(u)] for u in nonint[:3])}")
+    zero = [u for u, n in zip(ids, frames) if n <= 0]
+    if zero:
+        raise StoreError(f"utterances with no frames (zero or negative count) cannot be stored: {name_some(zero)}")
+    too_long = [u for u, n in zip(ids, frames) if n > shard_frames]
+    if too_long:
+        longest = max(int(n) for n in frames)
+        raise StoreError(f"utterances longer than shard_frames={shard_frames}: {name_some(too_long)} "
+                         f"(longest has {longest} frames); choose shard_frames >= {longest}")
+    shards, cur_ids, cur_off, cur_n, used = [], [], [], [], 0
+
+    def close():
+        i = len(shards)
+        shards.append(Shard(i, i * shard_frames, used, tuple(cur_ids), tuple(cur_off), tuple(cur_n)))
+
+    for uid, n in zip(ids, frames):
+        n = int(n)
+        if used + n > shard_frames:
+            close()
+            cur_ids, cur_off, cur_n, used = [], [], [], 0
+        cur_ids.append(uid)
+        cur_off.append(len(shards) * shard_frames + used)
+        cur_n.append(n)
+        used += n
+    close()
+    return ShardPlan(shard_frames, shards)
+
+
+def _positive_int(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
+        raise StoreError(f"{what} must be a positive integer, got {x!r}")
+    return int(x)

@@ -1,0 +1,493 @@
+"""Create, open, write and read a ci-store (layout: docs/store-format.md).
+
+A CIStore is cheap to pickle (URL, storage options, mode, lookup only) and opens its storage lazily once per
+process, so DataLoader workers started by fork or spawn each get their own handle: an fsspec/S3 filesystem opened
+before a fork is bound to the parent's event loop and fails in the child ("attached to a different loop").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from .completion import build_record, data_sha256, decode_record, encode_record, shard_from_done_key
+from .errors import StoreError, name_some
+from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_FLOAT_CHUNK_FRAMES, DONE_GROUP,
+                     FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
+                     compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
+from .fsio import ObjectStore, normalize_url
+from .index import LOOKUPS, UtteranceIndex
+from .plan import ShardPlan
+from .quantizer import check_quantizer, read_quantizer, write_quantizer
+from .reader import ShardReader
+from .shardcodec import ShardLayout, layout_from_zarr_metadata
+
+MODES = ("r", "r+")
+# keys an interrupted create() may leave behind; anything else at the path is data we must not touch
+_CREATE_PREFIXES = ("zarr.json", "index/", "quantizer/", f"{DONE_GROUP}/zarr.json",
+                    *(f"{a}/zarr.json" for a in ARRAY_NAME.values()))
+
+
+class _Handle:
+    """Everything bound to one process: the object store (and its event-loop-bound clients) and caches."""
+
+    def __init__(self, url: str, storage_options: dict, mode: str):
+        self.pid = os.getpid()
+        self.objects = ObjectStore(url, storage_options, read_only=(mode == "r"))
+        raw = self.objects.get("zarr.json")
+        if raw is None:
+            raise StoreError(f"{url} is not a ci-store (no zarr.json at its root)")
+        try:
+            root_meta = json.loads(raw)
+        except ValueError:
+            raise StoreError(f"{url}/zarr.json is not valid JSON (not a ci-store)") from None
+        if root_meta.get("zarr_format") != 3 or root_meta.get("node_type") != "group":
+            raise StoreError(f"{url} is not a ci-store (its zarr.json is not a Zarr v3 group)")
+        self.meta = check_meta((root_meta.get("attributes") or {}).get(ATTRS_KEY), url)
+        array = self.meta["array"]
+        raw = self.objects.get(f"{array}/zarr.json")
+        if raw is None:
+            raise StoreError(f"{url}: label array {array!r} is missing")
+        self.layout = layout_from_zarr_metadata(json.loads(raw), f"{url}/{array}")
+        m = self.meta
+        expect = (m["shard_frames"], m["chunk_frames"], m["width"], m["dtype"])
+        got = (self.layout.shard_frames, self.layout.chunk_frames, self.layout.width, str(self.layout.dtype))
+        if expect != got:
+            raise StoreError(f"{url}: array {array!r} layout {got} does not match the store metadata {expect}")
+        self.reader = ShardReader(self.objects, array, self.layout)
+        self.records: dict[int, dict] = {}
+        self._group = None
+        self.mode = mode
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(self.objects.zarr_store, mode="r" if self.mode == "r" else "r+")
+        return self._group
+
+
+class CIStore:
+    """One ci-store: metadata, index lookup, shard writes and utterance reads. Use create() / open_store()."""
+
+    def __init__(self, url, storage_options: dict | None = None, mode: str = "r", lookup: str = "auto",
+                 _lazy: bool = False):
+        if mode not in MODES:
+            raise StoreError(f"mode must be one of {MODES}, got {mode!r}")
+        if lookup not in LOOKUPS:
+            raise StoreError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+        self.url = normalize_url(url)
+        self.storage_options = dict(storage_options or {})
+        self.mode = mode
+        self.lookup = lookup
+        self._h: _Handle | None = None
+        self._index: UtteranceIndex | None = None
+        self._plan: ShardPlan | None = None
+        self._lock = threading.Lock()
+        self._lock_pid = os.getpid()
+        if not _lazy:
+            self._handle()
+
+    # --- per-process handle, pickling --------------------------------------------------------------------------
+    def _handle(self) -> _Handle:
+        h = self._h
+        pid = os.getpid()
+        if h is not None and h.pid == pid:
+            return h
+        if self._lock_pid != pid:           # a lock inherited through fork may be held by a thread that is gone
+            self._lock, self._lock_pid = threading.Lock(), pid
+        with self._lock:
+            if self._h is None or self._h.pid != pid:
+                self._h = _Handle(self.url, self.storage_options, self.mode)
+            return self._h
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options, "mode": self.mode, "lookup": self.lookup}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["storage_options"], state["mode"], state["lookup"], _lazy=True)
+
+    def __repr__(self) -> str:
+        return f"CIStore({self.url!r}, mode={self.mode!r})"
+
+    # --- metadata ----------------------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        return dict(self._handle().meta)
+
+    kind = property(lambda self: self._handle().meta["kind"])
+    num_codebooks = property(lambda self: self._handle().meta.get("num_codebooks"))
+    codebook_size = property(lambda self: self._handle().meta.get("codebook_size"))
+    dim = property(lambda self: self._handle().meta.get("dim"))
+    width = property(lambda self: self._handle().meta["width"])
+    dtype = property(lambda self: np.dtype(self._handle().meta["dtype"]))
+    frame_rate = property(lambda self: float(self._handle().meta["frame_rate"]))
+    quantizer_id = property(lambda self: self._handle().meta.get("quantizer_id"))
+    teacher = property(lambda self: self._handle().meta.get("teacher"))
+    total_frames = property(lambda self: int(self._handle().meta["total_frames"]))
+    num_shards = property(lambda self: int(self._handle().meta["num_shards"]))
+    shard_frames = property(lambda self: int(self._handle().meta["shard_frames"]))
+    array_name = property(lambda self: self._handle().meta["array"])
+    layout = property(lambda self: self._handle().layout)
+
+    @property
+    def index(self) -> UtteranceIndex:
+        if self._index is None:
+            h = self._handle()
+            idx = UtteranceIndex.read(h.group, self.url, lookup=self.lookup)
+            if len(idx) != h.meta["num_utterances"]:
+                raise StoreError(f"{self.url}: index holds {len(idx)} utterances, metadata says "
+                                 f"{h.meta['num_utterances']}")
+            self._index = idx
+        return self._index
+
+    @property
+    def plan(self) -> ShardPlan:
+        if self._plan is None:
+            self._plan = self.index.to_plan(self.shard_frames)
+        return self._plan
+
+    @property
+    def ids(self) -> list[str]:
+        return self.index.ids.tolist()
+
+    def __len__(self) -> int:
+        return int(self._handle().meta["num_utterances"])
+
+    def __contains__(self, utt_id) -> bool:
+        return utt_id in self.index
+
+    def num_frames(self, utt_id: str) -> int:
+        return int(self.index.num_frames[self.index.position(utt_id)])
+
+    def locate(self, utt_id: str) -> tuple[int, int, int]:
+        """(global row offset, num_frames, shard) of an utterance; KeyError naming it when absent."""
+        return self.index.entry(self.index.position(utt_id))
+
+    def quantizer_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        q = read_quantizer(self._handle().group, self.url)
+        return None if q is None else (q[0], q[1])
+
+    # --- completion --------------------------------------------------------------------------------------------
+    def completed_shards(self) -> set[int]:
+        h = self._handle()
+        done = {shard_from_done_key(k) for k in h.objects.list_prefix(f"{DONE_GROUP}/")}
+        return {s for s in done if s is not None and 0 <= s < self.num_shards}
+
+    def is_shard_complete(self, shard: int) -> bool:
+        self._check_shard_number(shard)
+        h = self._handle()
+        return shard in h.records or h.objects.exists(done_key(shard))
+
+    def shard_record(self, shard: int) -> dict:
+        """The completion record of a complete shard; StoreError naming the shard if it is not complete."""
+        return self._records([shard])[shard]
+
+    def _records(self, shards) -> dict[int, dict]:
+        h = self._handle()
+        missing = sorted({s for s in shards if s not in h.records})
+        for s in missing:
+            self._check_shard_number(s)
+        for s, raw in zip(missing, h.objects.get_many([done_key(s) for s in missing])):
+            if raw is None:
+                raise StoreError(f"{self.url}: shard {s} is not complete (no {done_key(s)}); "
+                                 f"its labels have not been written yet")
+            h.records[s] = decode_record(raw, s, self.url)
+        return {s: h.records[s] for s in shards}
+
+    def failures(self) -> dict[str, str]:
+        """utterance id -> reason, over all complete shards."""
+        done = sorted(self.completed_shards())
+        out = {}
+        for s, rec in sorted(self._records(done).items()):
+            out.update(rec["failures"])
+        return out
+
+    def _check_shard_number(self, shard) -> None:
+        if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < self.num_shards:
+            raise StoreError(f"{self.url}: shard {shard!r} does not exist (store has {self.num_shards} shards)")
+
+    # --- writing -----------------------------------------------------------------------------------------------
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], failures: Mapping[str, str] | None = None
+                    ) -> dict:
+        """Write every utterance of one shard, then its completion record; returns the record.
+
+        `arrays` holds every utterance of the shard except those in `failures` (id -> reason), which are padded
+        and recorded. Rewriting a complete shard with the same content does nothing; different content raises.
+        """
+        if self.mode == "r":
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write shards")
+        self._check_shard_number(shard)
+        h = self._handle()
+        sh = self.plan.shards[shard]
+        failures = {} if failures is None else dict(failures)
+        members = set(sh.utt_ids)
+        for what, keys in (("arrays", arrays), ("failures", failures)):
+            for uid in keys:
+                if uid not in members:
+                    if uid in self.index:
+                        raise KeyError(f"utterance {uid!r} (in {what}) belongs to shard "
+                                       f"{self.locate(uid)[2]}, not shard {shard}")
+                    raise KeyError(f"utterance {uid!r} (in {what}) is not in the store")
+        both = set(arrays) & set(failures)
+        if both:
+            raise ValueError(f"utterances both written and marked failed: {name_some(sorted(both))}")
+        missing = [u for u in sh.utt_ids if u not in arrays and u not in failures]
+        if missing:
+            raise ValueError(f"shard {shard}: no array and no failure reason for utterances {name_some(missing)}")
+        failures = {u: str(r) for u, r in failures.items()}
+        layout = h.layout
+        block = np.full((layout.shard_frames, layout.width), PAD_VALUE, dtype=layout.dtype)
+        for uid, off, n in zip(sh.utt_ids, sh.offsets, sh.num_frames):
+            if uid in failures:
+                continue
+            a = off - sh.start
+            block[a:a + n] = self._check_array(uid, arrays[uid], n)
+        block_sha = data_sha256(block)
+        existing = h.objects.get(done_key(shard))
+        if existing is not None:
+            old = decode_record(existing, shard, self.url)
+            if old["data_sha256"] == block_sha and old["failures"] == dict(sorted(failures.items())):
+                h.records[shard] = old
+                return old
+            raise StoreError(f"{self.url}: shard {shard} is already complete with different content "
+                             f"(data or failures differ); refusing to overwrite it. Delete {done_key(shard)} "
+                             f"to rewrite the shard.")
+        payload = layout.encode(block)
+        record = build_record(self.array_name, sh, layout.shard_frames, failures, block_sha, payload)
+        key = shard_key(self.array_name, shard)
+        if payload is None:
+            if h.objects.exists(key):            # left by an interrupted attempt
+                h.objects.delete(key)
+        else:
+            h.objects.set(key, payload)
+        h.objects.set(done_key(shard), encode_record(record))
+        h.records[shard] = record
+        return record
+
+    def _check_array(self, uid: str, arr, n: int) -> np.ndarray:
+        a = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+        w = self.width
+        if a.shape != (n, w):
+            raise ValueError(f"utterance {uid!r}: expected an array of shape ({n}, {w}), got {a.shape}")
+        if self.kind == "codes":
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"utterance {uid!r}: codebook indexes must be integers, got dtype {a.dtype}")
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self.codebook_size:
+                bad = lo if lo < 0 else hi
+                frame = int(np.argwhere(a == bad)[0][0])
+                raise ValueError(f"utterance {uid!r}: index {bad} at frame {frame} is outside "
+                                 f"[0, {self.codebook_size})")
+            return a.astype(self.dtype, copy=False)
+        if a.dtype.kind != "f":
+            raise ValueError(f"utterance {uid!r}: float labels must be a floating dtype, got {a.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = a.astype(self.dtype, copy=False)
+        finite = np.isfinite(out)
+        if not finite.all():
+            frame = int(np.argwhere(~finite)[0][0])
+            why = ("NaN or inf" if not np.isfinite(a[frame]).all()
+                   else f"a value too large for {self.dtype} (overflows to inf)")
+            raise ValueError(f"utterance {uid!r}: {why} at frame {frame}")
+        return out
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def _requests(self, ids: Sequence[str]) -> list[tuple[int, int, int]]:
+        idx = self.index
+        entries = [idx.entry(idx.position(u)) for u in ids]
+        records = self._records({s for _, _, s in entries})
+        for u, (_, _, s) in zip(ids, entries):
+            reason = records[s]["failures"].get(u)
+            if reason is not None:
+                raise StoreError(f"utterance {u} failed extraction: {reason}")
+        S = self.shard_frames
+        return [(s, off - s * S, off - s * S + n) for off, n, s in entries]
+
+    def _sizes(self, shards) -> dict[int, int]:
+        recs = self._records(shards)
+        return {s: int(recs[s]["object_nbytes"]) for s in shards}
+
+    def get_many(self, ids: Sequence[str]) -> list[np.ndarray]:
+        """Arrays for many utterances; reads are grouped per shard into few concurrent byte-range requests."""
+        ids = list(ids)
+        if not ids:
+            return []
+        reqs = self._requests(ids)
+        return self._handle().reader.read(reqs, self._sizes({s for s, _, _ in reqs}))
+
+    def __getitem__(self, utt_id: str) -> np.ndarray:
+        return self.get_many([utt_id])[0]
+
+    def read_shard(self, shard: int, include_failed: bool = False) -> list[tuple[str, np.ndarray]]:
+        """All utterances of one shard (one read of its used rows); failed ones skipped unless include_failed."""
+        self._check_shard_number(shard)
+        sh = self.plan.shards[shard]
+        rec = self._records([shard])[shard]
+        (rows,) = self._handle().reader.read([(shard, 0, sh.size)], self._sizes([shard]))
+        out = []
+        for uid, off, n in zip(sh.utt_ids, sh.offsets, sh.num_frames):
+            if uid in rec["failures"] and not include_failed:
+                continue
+            a = off - sh.start
+            out.append((uid, rows[a:a + n]))
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(id, array) in storage order, one shard read at a time; failed utterances are skipped."""
+        for s in range(self.num_shards):
+            yield from self.read_shard(s)
+
+    def close(self) -> None:
+        self._h = None
+
+
+# --- create / open ------------------------------------------------------------------------------------------------
+def open_store(url, mode: str = "r", storage_options: dict | None = None, lookup: str = "auto") -> CIStore:
+    """Open an existing store. StoreError (naming the path) if it is not a ci-store or its format is newer."""
+    return CIStore(url, storage_options, mode=mode, lookup=lookup)
+
+
+def _positive(x, what: str, integer: bool = True):
+    ok = (isinstance(x, (int, np.integer)) if integer else isinstance(x, (int, float, np.integer, np.floating)))
+    if isinstance(x, bool) or not ok or not x > 0 or (not integer and not math.isfinite(x)):
+        raise StoreError(f"{what} must be a positive {'integer' if integer else 'number'}, got {x!r}")
+    return int(x) if integer else float(x)
+
+
+def _json_dict(x, what: str) -> dict:
+    if x is None:
+        return {}
+    if not isinstance(x, dict):
+        raise StoreError(f"{what} must be a dict, got {type(x).__name__}")
+    try:
+        return json.loads(json.dumps(x))
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{what} is not JSON-serialisable: {e}") from None
+
+
+def _utterances_sha256(plan: ShardPlan) -> str:
+    """Identity of the utterance set (ids and frame counts, order-free): compare checks stores hold the same data."""
+    h = hashlib.sha256()
+    for uid, n in sorted((u, n) for s in plan.shards for u, n in zip(s.utt_ids, s.num_frames)):
+        h.update(f"{uid}\t{n}\n".encode())
+    return h.hexdigest()
+
+
+def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | None = None, codebook_size: int = 256,
+           dim: int | None = None, dtype=None, frame_rate: float, teacher: dict | None = None,
+           quantizer: dict | None = None, storage_options: dict | None = None, exist_ok: bool = False,
+           extra: dict | None = None, compressor: str | None = None, chunk_frames: int | None = None,
+           lookup: str = "auto") -> CIStore:
+    """Create an empty store laid out by `plan` (index written now); shards are filled later by write_shard.
+
+    exist_ok=True reopens a store made with the same plan, kind, shape, teacher and quantizer (to resume a job);
+    any difference, or a path holding something that is not a ci-store, raises StoreError. Never overwrites data.
+    """
+    if not isinstance(plan, ShardPlan):
+        raise StoreError(f"plan must be a ShardPlan (from plan_shards), got {type(plan).__name__}")
+    if kind not in KINDS:
+        raise StoreError(f"kind must be one of {KINDS}, got {kind!r}")
+    frame_rate = _positive(frame_rate, "frame_rate", integer=False)
+    teacher = _json_dict(teacher, "teacher") or None
+    extra = _json_dict(extra, "extra")
+    cname, level = parse_compressor(compressor)
+    qid = qconfig = qarrays = None
+    if quantizer is not None:
+        qid, qconfig, qarrays = check_quantizer(quantizer)
+    if kind == "codes":
+        width = _positive(num_codebooks, "num_codebooks")
+        codebook_size = _positive(codebook_size, "codebook_size")
+        dt = codes_dtype(codebook_size)
+        if dtype is not None:
+            want = np.dtype(dtype)
+            if want not in (np.dtype("uint8"), np.dtype("uint16")) or np.iinfo(want).max < codebook_size - 1:
+                raise StoreError(f"codes dtype must be uint8 or uint16 holding indexes below {codebook_size}, "
+                                 f"got {want}")
+            dt = want
+        if dim is None and qconfig and isinstance(qconfig.get("dim"), int):
+            dim = qconfig["dim"]
+        if dim is not None:
+            dim = _positive(dim, "dim")
+        target_chunk = DEFAULT_CODES_CHUNK_FRAMES
+    else:
+        width = dim = _positive(dim, "dim (required for float stores)")
+        dt = float_dtype(dtype)
+        num_codebooks = codebook_size = None
+        target_chunk = DEFAULT_FLOAT_CHUNK_FRAMES
+    S = plan.shard_frames
+    if chunk_frames is None:
+        chunk_frames = choose_chunk_frames(S, target_chunk)
+    else:
+        chunk_frames = _positive(chunk_frames, "chunk_frames")
+        if S % chunk_frames:
+            raise StoreError(f"chunk_frames={chunk_frames} must divide shard_frames={S}")
+    layout = ShardLayout(S, chunk_frames, width, np.dtype(dt), kind == "codes", cname, level)
+    q_sha = None
+    if qarrays is not None:
+        from .quantizer import arrays_sha256
+        q_sha = arrays_sha256(qarrays)
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "array": ARRAY_NAME[kind],
+        "dtype": str(np.dtype(dt)), "width": width, "num_codebooks": num_codebooks if kind == "codes" else None,
+        "codebook_size": codebook_size, "dim": dim, "frame_rate": frame_rate, "teacher": teacher,
+        "quantizer_id": qid, "quantizer_sha256": q_sha,
+        "total_frames": plan.total_frames, "padded_frames": plan.padded_frames,
+        "num_utterances": plan.num_utterances, "num_shards": plan.num_shards, "shard_frames": S,
+        "chunk_frames": chunk_frames, "pad_value": PAD_VALUE, "compressor": compressor_spec(cname, level),
+        "chunk_order": "codebook-major" if layout.transpose else "frame-major",
+        "plan_sha256": plan.sha256(), "utterances_sha256": _utterances_sha256(plan),
+        "created_by": created_by(), "extra": extra,
+    }
+    url = normalize_url(url)
+    objects = ObjectStore(url, storage_options, read_only=False)
+    if not objects.is_empty():
+        keys = objects.list_all()
+        root = objects.get("zarr.json")
+        attrs = None
+        if root is not None:
+            try:
+                attrs = (json.loads(root).get("attributes") or {}).get(ATTRS_KEY)
+            except (ValueError, AttributeError):
+                attrs = None
+        if attrs is not None:
+            if not exist_ok:
+                raise StoreError(f"{url} already holds a ci-store; pass exist_ok=True to resume it")
+            existing = CIStore(url, storage_options, mode="r+", lookup=lookup)
+            diffs = _differences(existing.meta, meta)
+            if diffs:
+                raise StoreError(f"{url} already holds a different ci-store: " + "; ".join(diffs))
+            return existing
+        if not all(k.startswith(_CREATE_PREFIXES) for k in keys):
+            foreign = [k for k in keys if not k.startswith(_CREATE_PREFIXES)]
+            raise StoreError(f"{url} is not empty and is not a ci-store (holds {name_some(foreign, 5)}); "
+                             f"refusing to write there")
+        # only metadata of an interrupted create(): safe to redo
+    group = zarr.open_group(objects.zarr_store, mode="w", zarr_format=3)
+    group.create_array(ARRAY_NAME[kind], shape=(plan.padded_frames, width), dtype=layout.dtype,
+                       **layout.zarr_codecs())
+    UtteranceIndex.from_plan(plan).write(group)
+    if qarrays is not None:
+        write_quantizer(group, qid, qconfig, qarrays)
+    group.create_group(DONE_GROUP, attributes={
+        "description": "completion records: one JSON object per finished shard (shard-NNNNNN.json)"})
+    group.update_attributes({ATTRS_KEY: meta})     # last: a store without it is an unfinished create
+    return CIStore(url, storage_options, mode="r+", lookup=lookup)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for k in ("format_version", "kind", "dtype", "width", "num_codebooks", "codebook_size", "dim", "frame_rate",
+              "teacher", "quantizer_id", "quantizer_sha256", "shard_frames", "chunk_frames", "compressor"):
+        if old.get(k) != new.get(k):
+            out.append(f"{k} is {old.get(k)!r} there, {new.get(k)!r} here")
+    if old.get("plan_sha256") != new.get("plan_sha256"):
+        out.append(f"shard plan differs (there {old['num_utterances']} utterances, {old['total_frames']} frames, "
+                   f"{old['num_shards']} shards; here {new['num_utterances']}, {new['total_frames']}, "
+                   f"{new['num_shards']})")
+    return out
