@@ -505,8 +505,6 @@ def write_lhotse_cuts(utts: Iterable[Utterance], path: str, *, storage_options: 
     """
     utts = list(utts)
     _check_writable(utts, str(path))
-    import soundfile as sf  # noqa: F401  (fail early if audio stack is missing)
-
     headers: dict[str, tuple[int, int, int]] = {}  # audio -> (rate, frames, channels)
     if probe:
         from distill.audio import _open_sound
