@@ -334,7 +334,7 @@ def _est_seconds(sentence: str) -> float:
 
 
 def _partition(sentences: list[str], seed: int, seconds: dict[str, float]) -> dict[str, list[str]]:
-    """Disjoint sentence pools: dev and test get enough sentences for their hours (+20%, at most 15% of the
+    """Disjoint sentence pools: dev and test get enough sentences for their hours (+50%, at most 15% of the
     text each), train gets the rest. Depends only on seed and dev/test hours, so --hours can grow freely."""
     order = np.random.default_rng([int(seed), 7]).permutation(len(sentences))
     shuffled = [sentences[i] for i in order]
@@ -342,7 +342,7 @@ def _partition(sentences: list[str], seed: int, seconds: dict[str, float]) -> di
     cap = max(1, int(0.15 * len(shuffled)))
     for split in ("dev", "test"):
         take, acc = 0, 0.0
-        while seconds[split] > 0 and take < cap and acc < 1.2 * seconds[split]:
+        while seconds[split] > 0 and take < cap and acc < 1.5 * seconds[split]:
             acc += _est_seconds(shuffled[pos + take])
             take += 1
         pools[split] = shuffled[pos:pos + take]
@@ -408,7 +408,10 @@ def make_corpus(out_dir: str, hours: float = 10.0, dev_hours: float | None = Non
     _espeak()
     voices = list(voices) if voices else [f"{b}+{v}" for b in BASE_VOICES for v in VARIANTS]
     check_voices(sorted({v.split("+")[0] for v in voices}), sorted({v.split("+")[1] for v in voices if "+" in v}))
-    sentences = load_sentences(sentences_path)
+    try:
+        sentences = load_sentences(sentences_path)
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
     seconds = {"train": hours * 3600.0, "dev": dev_hours * 3600.0, "test": test_hours * 3600.0}
     pools = _partition(sentences, seed, seconds)
     if not pools["train"]:

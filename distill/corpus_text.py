@@ -84,22 +84,39 @@ def extract_sentences(lines: Iterable[str]) -> list[str]:
     return list(out)
 
 
-@lru_cache(maxsize=1)
-def _load_cached(path: str) -> tuple[str, ...]:
+_NORMALISED = re.compile(r"[A-Z']+( [A-Z']+)*")
+
+
+def _read_sentences(path: str) -> tuple[str, ...]:
+    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             lines = [ln.strip() for ln in f]
-    except OSError as e:
-        raise FileNotFoundError(f"sentence file {path} is missing or unreadable ({e})") from None
-    sents = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"sentence file {path} is missing or unreadable ({e})") from None
+    sents: dict[str, None] = {}  # deduplicated: a repeated line could otherwise land in two splits
+    for lineno, ln in enumerate(lines, 1):
+        if not ln or ln.startswith("#"):
+            continue
+        if not _NORMALISED.fullmatch(ln):
+            raise ValueError(f"{path}:{lineno}: not normalised text (A-Z, apostrophes, single spaces): {ln[:80]!r}")
+        sents.setdefault(ln)
     if not sents:
         raise ValueError(f"sentence file {path} has no sentences")
-    return sents
+    return tuple(sents)
+
+
+@lru_cache(maxsize=1)
+def _bundled() -> tuple[str, ...]:
+    return _read_sentences(SENTENCES_PATH)
 
 
 def load_sentences(path: str | None = None) -> list[str]:
-    """The bundled (or given) sentence list: one normalised sentence per line, '#' lines are comments."""
-    return list(_load_cached(os.path.abspath(path or SENTENCES_PATH)))
+    """Distinct normalised sentences, one per line ('#' lines are comments; .gz or plain text); the bundled
+    Austen set by default. A line that is not normalised text raises ValueError naming file and line."""
+    if path is None or os.path.abspath(path) == SENTENCES_PATH:
+        return list(_bundled())
+    return list(_read_sentences(os.path.abspath(path)))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -248,3 +248,29 @@ def test_pink_noise_has_equal_power_per_octave_and_white_does_not():
 
     assert 0.7 < octave_ratio("pink") < 1.4
     assert 6 < octave_ratio("white") < 10
+
+
+def test_small_text_pool_is_reused_without_crossing_splits(tmp_path):
+    _require_espeak()
+    words = "ALPHA BRAVO CHARLIE DELTA ECHO FOXTROT GOLF HOTEL INDIA JULIET KILO LIMA".split()
+    lines = ["# a comment"] + [" ".join(words[i:i + 4]) for i in range(8)] + [" ".join(words[0:4])]  # one dup
+    src = tmp_path / "sents.txt"
+    src.write_text("\n".join(lines) + "\n")
+    paths = C.make_corpus(str(tmp_path / "c"), hours=20 / 3600, dev_hours=1 / 3600, test_hours=1 / 3600,
+                          sentences_path=str(src), progress=False)
+    texts = {s: [c["supervisions"][0]["text"] for c in _cuts(p)] for s, p in paths.items()}
+    assert len(texts["dev"]) == len(texts["test"]) == 1
+    assert not set(texts["train"]) & (set(texts["dev"]) | set(texts["test"]))
+    assert set(texts["train"]) <= {" ".join(words[i:i + 4]) for i in range(8)}
+    assert len(texts["train"]) > len(set(texts["train"])) == 6  # the 6 train sentences, each used again
+    pool = [f"S{i}" for i in range(5)]
+    first, second = [[C._sentence_for(pool, k, 0, "train") for k in range(r, r + 5)] for r in (0, 5)]
+    assert first == pool and sorted(second) == pool  # every further pass is a full reshuffled pass
+
+
+def test_unnormalised_sentence_file_is_refused_by_line(tmp_path):
+    src = tmp_path / "bad.txt"
+    src.write_text("A FINE DAY FOR IT\nIt was lower case here.\n")
+    with pytest.raises(C.CorpusError, match=r"bad.txt:2"):
+        C.make_corpus(str(tmp_path / "c"), hours=1 / 3600, sentences_path=str(src), progress=False)
+    assert not (tmp_path / "c").exists()
