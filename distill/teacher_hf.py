@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 
 import fsspec
 import torch
@@ -57,6 +58,8 @@ class HFTeacher(Teacher):
         self.frame_rate = self.sample_rate / hop
         model.encoder.layers = model.encoder.layers[:max(self.layer, 1)]  # never computed otherwise
         self.model = self.module = model.eval()
+        self._tls = threading.local()
+        self._install_capture()
         self.min_samples = min_samples_for(self.num_frames)
 
     def metadata(self) -> dict:
@@ -72,22 +75,26 @@ class HFTeacher(Teacher):
             n = (n - k) // s + 1
         return n
 
-    def _run(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        captured: dict = {}
+    def _install_capture(self) -> None:
+        """Hook the chosen layer once; results go to thread-local storage so concurrent embeds (threaded Dask
+        workers sharing one teacher) cannot see each other's activations."""
         layers = self.model.encoder.layers
         if self.layer == 0:
             def pre(mod, args, kwargs):
-                captured["h"] = args[0] if args else kwargs["hidden_states"]
-            hook = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+                self._tls.h = args[0] if args else kwargs["hidden_states"]
+            layers[0].register_forward_pre_hook(pre, with_kwargs=True)
         else:
             def post(mod, args, out):
-                captured["h"] = out[0] if isinstance(out, (tuple, list)) else out
-            hook = layers[self.layer - 1].register_forward_hook(post)
-        try:
-            self.model(x, attention_mask=attention_mask)
-        finally:
-            hook.remove()
-        return captured["h"]
+                self._tls.h = out[0] if isinstance(out, (tuple, list)) else out
+            layers[self.layer - 1].register_forward_hook(post)
+
+    def _run(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self._tls.h = None
+        self.model(x, attention_mask=attention_mask)
+        h, self._tls.h = self._tls.h, None
+        if h is None:
+            raise RuntimeError(f"teacher {self.name!r}: layer {self.layer} was not reached")
+        return h
 
     def _embed(self, waveforms: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         x = waveforms

@@ -290,3 +290,17 @@ def test_native_model_trains(tmp_path):
     assert losses[-1] < losses[0]
     sha = save_native_teacher(model, str(tmp_path / "trained.safetensors"))
     assert load_teacher(str(tmp_path / "trained.safetensors"), layer=2).checkpoint_sha256 == sha
+
+
+@pytest.mark.parametrize("kind", ["hubert-group", "native"])
+def test_concurrent_embeds_from_threads(hf_dirs, native_path, kind):
+    """Threaded Dask workers share one teacher per process: concurrent calls must not mix activations."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = load_teacher(hf_dirs[kind][0] if kind != "native" else native_path[0], layer=2)
+    inputs = [_batch([n], seed=s) for s, n in enumerate([1600, 2400, 3200, 4000] * 3)]
+    expected = [t.embed(w, lens)[0] for w, lens in inputs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda wl: t.embed(*wl)[0], inputs))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
