@@ -110,14 +110,12 @@ def _iter_jsonl(path: str, storage_options: dict | None) -> Iterator[tuple[int, 
                 yield lineno, obj
     except FileNotFoundError:
         raise ManifestError(f"manifest not found: {path}") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        if isinstance(e, ManifestError):
-            raise
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, bad gzip, not UTF-8
         raise ManifestError(f"{path}: cannot read manifest ({e})") from None
 
 
 def _kind(obj: dict) -> str:
-    if "type" in obj:
+    if isinstance(obj.get("type"), str) and obj["type"].endswith("Cut"):  # MonoCut, MultiCut, MixedCut, ...
         return "cut"
     if "sources" in obj:
         return "recording"

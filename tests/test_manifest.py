@@ -67,7 +67,7 @@ def test_resampled_length_is_ceil():
 def test_plain_jsonl(tmp_path, gz):
     rows = [{"id": "u1", "audio": "/a/1.wav", "text": "hello", "duration": 1.5, "sample_rate": 16000},
             {"id": "u2", "audio": "s3://b/2.flac", "num_samples": 8000, "sample_rate": 8000, "speaker": "spk"},
-            {"id": "u3", "audio": "rel/3.wav", "offset": 0.25, "channel": 1}]
+            {"id": "u3", "audio": "rel/3.wav", "offset": 0.25, "channel": 1, "type": "read"}]  # extra keys ok
     path = _write_jsonl(tmp_path / ("m.jsonl.gz" if gz else "m.jsonl"), rows, gz=gz)
     u1, u2, u3 = load_manifest(path)
     assert u1 == Utterance(id="u1", audio="/a/1.wav", sample_rate=16000, num_samples=24000, duration=1.5,
