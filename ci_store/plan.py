@@ -112,6 +112,32 @@ class ShardPlan:
                                 tuple(int(x) for x in offsets[a:b]), tuple(int(x) for x in num_frames[a:b])))
         return cls(shard_frames, shards)
 
+    @classmethod
+    def from_groups(cls, groups: Sequence[Sequence[tuple[str, int]]], shard_frames: int) -> "ShardPlan":
+        """A plan with explicit shard membership: group k becomes shard k (e.g. float shards nested in CI shards).
+
+        Same checks as plan_shards (duplicate ids, non-positive frames), plus: no empty group, and no group with
+        more frames than shard_frames (StoreError naming the group).
+        """
+        shard_frames = _positive_int(shard_frames, "shard_frames")
+        groups = [list(g) for g in groups]
+        if not groups:
+            raise StoreError("cannot plan a store with no utterances")
+        empty = [k for k, g in enumerate(groups) if not g]
+        if empty:
+            raise StoreError(f"empty shard groups: {name_some(empty)}")
+        flat = [item for g in groups for item in g]
+        plan_shards(flat, max(int(n) if isinstance(n, (int, np.integer)) else 1 for _, n in flat))  # item checks
+        shards = []
+        for k, g in enumerate(groups):
+            size = sum(int(n) for _, n in g)
+            if size > shard_frames:
+                raise StoreError(f"shard group {k} holds {size} frames, more than shard_frames={shard_frames}")
+            offs = np.cumsum([0] + [int(n) for _, n in g[:-1]]) + k * shard_frames
+            shards.append(Shard(k, k * shard_frames, size, tuple(u for u, _ in g), tuple(int(o) for o in offs),
+                                tuple(int(n) for _, n in g)))
+        return cls(shard_frames, shards)
+
     def to_json(self) -> str:
         """A self-contained JSON text: the explicit shard of every utterance (not just the inputs to greedy fill)."""
         ids, _, frames, shard = self.arrays()

@@ -169,6 +169,10 @@ class CIStore:
         """(global row offset, num_frames, shard) of an utterance; KeyError naming it when absent."""
         return self.index.entry(self.index.position(utt_id))
 
+    def shard_of(self, utt_id: str) -> int:
+        """Shard holding an utterance (readers group requests by shard for locality)."""
+        return int(self.index.shard[self.index.position(utt_id)])
+
     def quantizer_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
         q = read_quantizer(self._handle().group, self.url)
         return None if q is None else (q[0], q[1])

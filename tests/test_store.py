@@ -484,3 +484,21 @@ def test_ci_store_never_imports_torch():
     code = ("import sys, ci_store, ci_store.verify, ci_store.stats; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_plan_from_groups_and_shard_of(tmp_path, utts, data):
+    groups = [utts[:10], utts[10:11], utts[11:]]
+    cap = max(sum(n for _, n in g) for g in groups)
+    plan = ShardPlan.from_groups(groups, cap)
+    assert [list(zip(s.utt_ids, s.num_frames)) for s in plan.shards] == groups
+    assert ShardPlan.from_json(plan.to_json()) == plan
+    st = create(str(tmp_path / "g"), plan, num_codebooks=NCB, frame_rate=50.0, chunk_frames=cap)
+    fill(st, data)
+    assert [st.shard_of(u) for u, _ in utts] == [0] * 10 + [1] + [2] * (len(utts) - 11)
+    assert all(np.array_equal(open_store(st.url)[u], data[u]) for u, _ in utts)
+    with pytest.raises(StoreError, match="shard group 2 holds"):
+        ShardPlan.from_groups(groups, cap - 1)          # group 2 (49 utterances) is the largest
+    with pytest.raises(StoreError, match="duplicate utterance ids"):
+        ShardPlan.from_groups([utts[:3], utts[2:4]], cap)
+    with pytest.raises(StoreError, match="empty shard groups: 1"):
+        ShardPlan.from_groups([utts[:3], []], cap)
