@@ -1,0 +1,66 @@
+"""Batched greedy transducer decoding (icefall-style) and word error rate.
+
+Greedy search walks the encoder frames; at each frame it emits the joiner's argmax until blank or
+`max_sym_per_frame` symbols, updating the stateless predictor's context only for the utterances that emitted.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["greedy_search", "wer"]
+
+
+@torch.no_grad()
+def greedy_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, max_sym_per_frame: int = 1) -> list[list[int]]:
+    """Token ids per utterance for a padded batch feats [B, T, F], feat_lens [B] (model run in eval mode)."""
+    if max_sym_per_frame < 1:
+        raise ValueError(f"max_sym_per_frame must be >= 1, got {max_sym_per_frame}")
+    was_training = model.training
+    model.eval()
+    try:
+        enc_out, enc_lens, _ = model.encode(feats, feat_lens)
+        blank, ctx_len = model.blank_id, model.predictor.context
+        B, T, _ = enc_out.shape
+        enc_p = model.joiner.enc_proj(enc_out)  # [B, T, J]
+        context = torch.full((B, ctx_len), blank, dtype=torch.long, device=enc_out.device)
+        pred_p = model.joiner.pred_proj(model.predictor(context, need_pad=False)[:, -1])  # [B, J]
+        hyps: list[list[int]] = [[] for _ in range(B)]
+        for t in range(T):
+            active = t < enc_lens
+            for _ in range(max_sym_per_frame):
+                if not active.any():
+                    break
+                y = model.joiner(enc_p[:, t], pred_p).argmax(-1)
+                emit = active & (y != blank)
+                if not emit.any():
+                    break
+                rows = emit.nonzero().flatten()
+                for b in rows.tolist():
+                    hyps[b].append(int(y[b]))
+                context[rows] = torch.cat([context[rows, 1:], y[rows, None]], 1)
+                pred_p[rows] = model.joiner.pred_proj(model.predictor(context[rows], need_pad=False)[:, -1])
+                active = emit
+        return hyps
+    finally:
+        model.train(was_training)
+
+
+def wer(refs: list[str], hyps: list[str]) -> dict:
+    """Corpus word error rate: dict(wer, errors, words, substitutions, deletions, insertions).
+
+    Texts are compared word by word after whitespace splitting (normalise them the same way first, e.g. with
+    distill.tokenizer.normalize_text). Empty references are allowed: their hypothesis words count as insertions.
+    """
+    import jiwer
+
+    if len(refs) != len(hyps):
+        raise ValueError(f"wer: {len(refs)} references but {len(hyps)} hypotheses")
+    words = sum(len(r.split()) for r in refs)
+    if not refs:
+        sub = dels = ins = 0
+    else:
+        o = jiwer.process_words([" ".join(r.split()) for r in refs], [" ".join(h.split()) for h in hyps])
+        sub, dels, ins = o.substitutions, o.deletions, o.insertions
+    errors = sub + dels + ins
+    return {"wer": errors / words if words else (0.0 if errors == 0 else float("inf")), "errors": errors,
+            "words": words, "substitutions": sub, "deletions": dels, "insertions": ins}
