@@ -30,3 +30,12 @@ def s3_bucket(s3_server):
     fs.mkdir(name)  # region eu-west-1: us-east-1 bucket creation via s3fs fails on moto
     fs.invalidate_cache()
     yield f"s3://{name}", opts
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A few dozen seconds of synthetic multi-speaker speech (espeak-ng) with lhotse cut manifests."""
+    from distill.corpus import make_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    return make_corpus(str(out), hours=0.006, dev_hours=0.002, test_hours=0.002, seed=3, progress=False)

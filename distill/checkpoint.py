@@ -1,0 +1,65 @@
+"""Training checkpoints as safetensors + JSON: model, optimizer state and RNG state, never pickled.
+
+Everything needed to continue a run bit-for-bit is stored: parameters, Adam moments and step counts, the
+torch RNG state (dropout), and the position in the epoch; hyper-parameters and counters go in the JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    meta: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_meta = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        for pid, st in sd["state"].items():
+            for name, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"optim.{pid}.{name}"] = val.detach().cpu().contiguous()
+        opt_meta = {"param_groups": sd["param_groups"],
+                    "scalars": {str(pid): {n: v for n, v in st.items() if not torch.is_tensor(v)}
+                                for pid, st in sd["state"].items()}}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "ci-store-checkpoint", "version": "1"})
+    os.replace(tmp, path)
+    with open(_meta_path(path) + ".tmp", "w") as f:
+        json.dump({**meta, "optimizer": opt_meta}, f, indent=1)
+    os.replace(_meta_path(path) + ".tmp", _meta_path(path))
+
+
+def _meta_path(path: str) -> str:
+    return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+
+
+def load_meta(path: str) -> dict:
+    with open(_meta_path(path)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict:
+    tensors = load_file(path)
+    meta = load_meta(path)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    if optimizer is not None and meta.get("optimizer"):
+        om = meta["optimizer"]
+        opt_state = {}
+        for pid, scalars in om["scalars"].items():
+            st = dict(scalars)
+            prefix = f"optim.{pid}."
+            for k, v in tensors.items():
+                if k.startswith(prefix):
+                    st[k[len(prefix):]] = v
+            opt_state[int(pid)] = st
+        optimizer.load_state_dict({"state": opt_state, "param_groups": om["param_groups"]})
+    if restore_rng and "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return meta

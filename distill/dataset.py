@@ -1,0 +1,219 @@
+"""Student training data: features, tokens and KD labels per utterance, streamed from a label store.
+
+The store handle is opened lazily inside each DataLoader worker (CIStore pickles as URL + options), because an
+fsspec/S3-backed zarr array opened before fork is bound to the parent's event loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ci_store import open_store
+from distill.alignment import IGNORE, align_labels, stack_factor
+from distill.audio import read_audio
+from distill.fbank import compute_fbank, num_fbank_frames
+from distill.manifest import Utterance, load_manifest
+
+FBANK_RATE = 100.0  # fbank frames per second (10 ms shift)
+
+
+def student_frames(num_fbank: int, subsampling: int) -> int:
+    """Encoder frames after the student's conv subsampling (matches distill.student's out_lengths)."""
+    from distill.student import subsampled_length
+
+    return int(subsampled_length(num_fbank, subsampling))
+
+
+@dataclass
+class Example:
+    id: str
+    feats: np.ndarray  # [T_fbank, 80]
+    tokens: list[int]
+    labels: np.ndarray | None  # [T_student, k*C] int64 (codes) or float32 (floats)
+    label_mask: np.ndarray | None  # [T_student, k] bool
+    text: str
+
+
+class KDDataset(Dataset):
+    """Manifest utterances with fbank features, token ids and (optionally) aligned teacher labels.
+
+    `labels` is the URL of a CI store (kind "codes") or a float-label store (kind "float"); None for no-KD runs.
+    Utterances whose extraction failed in the store are dropped up front (listed in `self.dropped`).
+    """
+
+    def __init__(self, manifest, tokenizer, *, labels: str | None = None, storage_options: dict | None = None,
+                 subsampling: int = 4, sample_rate: int = 16000, num_mel_bins: int = 80,
+                 feature_cache: dict | None = None):
+        self.utts: list[Utterance] = load_manifest(manifest) if isinstance(manifest, str) else list(manifest)
+        self.tokenizer = tokenizer
+        self.labels_url = labels
+        self.storage_options = storage_options
+        self.subsampling = subsampling
+        self.sample_rate = sample_rate
+        self.num_mel_bins = num_mel_bins
+        self.feature_cache = feature_cache
+        self._store = None
+        self.dropped: dict[str, str] = {}
+        self.k = None
+        self.kind = None
+        if labels is not None:
+            store = self.store
+            self.kind = store.kind
+            self.k = stack_factor(store.frame_rate, FBANK_RATE / subsampling)
+            failures = store.failures()
+            keep = []
+            for u in self.utts:
+                if u.id not in store:
+                    raise KeyError(f"utterance {u.id!r} of the manifest is not in label store {labels}")
+                if u.id in failures:
+                    self.dropped[u.id] = failures[u.id]
+                else:
+                    keep.append(u)
+            self.utts = keep
+            self.label_width = store.num_codebooks if store.kind == "codes" else store.dim
+            self.codebook_size = store.codebook_size if store.kind == "codes" else None
+            self.frame_rate = store.frame_rate
+        self._store = None  # reopened lazily per worker process
+
+    @property
+    def store(self):
+        if self._store is None and self.labels_url is not None:
+            self._store = open_store(self.labels_url, mode="r", storage_options=self.storage_options)
+        return self._store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def num_samples(self, i: int) -> int:
+        return self.utts[i].num_samples_at(self.sample_rate)
+
+    def durations(self) -> np.ndarray:
+        return np.array([self.num_samples(i) / self.sample_rate for i in range(len(self))])
+
+    def shard_of(self) -> np.ndarray:
+        """Shard index per utterance (for read locality); zeros without labels."""
+        if self.labels_url is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.array([self.store.shard_of(u.id) for u in self.utts], dtype=np.int64)
+
+    def features(self, utt: Utterance) -> np.ndarray:
+        if self.feature_cache is not None and utt.id in self.feature_cache:
+            return self.feature_cache[utt.id]
+        wave = read_audio(utt, self.sample_rate, storage_options=self.storage_options)
+        feats = compute_fbank(wave, self.sample_rate, self.num_mel_bins)
+        if self.feature_cache is not None:
+            self.feature_cache[utt.id] = feats
+        return feats
+
+    def __getitem__(self, i: int) -> Example:
+        utt = self.utts[i]
+        feats = self.features(utt)
+        tokens = self.tokenizer.encode(utt.text or "")
+        labels = mask = None
+        if self.labels_url is not None:
+            raw = self.store[utt.id]
+            labels, mask = align_labels(raw, student_frames(feats.shape[0], self.subsampling), self.k,
+                                        utt_id=utt.id)
+        return Example(utt.id, feats, tokens, labels, mask, utt.text or "")
+
+
+def collate(examples: list[Example]) -> dict:
+    """Pad a batch: feats with 0, tokens with 0 (blank; lengths say where they end), CI labels with -100."""
+    B = len(examples)
+    feat_lens = torch.tensor([e.feats.shape[0] for e in examples], dtype=torch.int64)
+    feats = torch.zeros(B, int(feat_lens.max()), examples[0].feats.shape[1], dtype=torch.float32)
+    tok_lens = torch.tensor([len(e.tokens) for e in examples], dtype=torch.int64)
+    tokens = torch.zeros(B, max(1, int(tok_lens.max())), dtype=torch.int64)
+    for b, e in enumerate(examples):
+        feats[b, : e.feats.shape[0]] = torch.from_numpy(e.feats)
+        tokens[b, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.int64)
+    batch = {"ids": [e.id for e in examples], "texts": [e.text for e in examples], "feats": feats,
+             "feat_lens": feat_lens, "tokens": tokens, "token_lens": tok_lens}
+    if examples[0].labels is not None:
+        T = max(e.labels.shape[0] for e in examples)
+        W = examples[0].labels.shape[1]
+        k = examples[0].label_mask.shape[1]
+        is_codes = np.issubdtype(examples[0].labels.dtype, np.integer)
+        labels = torch.full((B, T, W), IGNORE if is_codes else 0.0,
+                            dtype=torch.int64 if is_codes else torch.float32)
+        mask = torch.zeros(B, T, k, dtype=torch.bool)
+        for b, e in enumerate(examples):
+            labels[b, : e.labels.shape[0]] = torch.from_numpy(e.labels)
+            mask[b, : e.label_mask.shape[0]] = torch.from_numpy(e.label_mask)
+        batch["labels"] = labels
+        batch["label_mask"] = mask
+    return batch
+
+
+class ShardBucketSampler(Sampler):
+    """Batches of similar duration, capped by total seconds, with reads grouped by store shard.
+
+    Utterances are sorted by (shard, duration) and cut into batches, so one batch mostly reads one shard
+    (coalesced object-store requests) and pads little; batch order is shuffled per epoch with a seed.
+    """
+
+    def __init__(self, durations, shards=None, *, max_seconds: float = 60.0, shuffle: bool = True,
+                 seed: int = 0, bucket_by_shard: bool = True):
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.shards = np.zeros(len(self.durations), np.int64) if shards is None else np.asarray(shards)
+        self.max_seconds = max_seconds
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        keys = (self.durations, self.shards) if bucket_by_shard else (self.durations,)
+        order = np.lexsort(keys)
+        self._batches: list[list[int]] = []
+        cur, longest = [], 0.0
+        for i in order:
+            d = self.durations[i]
+            new_longest = max(longest, d)
+            if cur and (new_longest * (len(cur) + 1) > max_seconds
+                        or (bucket_by_shard and self.shards[i] != self.shards[cur[-1]])):
+                self._batches.append(cur)
+                cur, new_longest = [], d
+            cur.append(int(i))
+            longest = new_longest
+        if cur:
+            self._batches.append(cur)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        idx = np.arange(len(self._batches))
+        if self.shuffle:
+            idx = np.random.default_rng(self.seed + self.epoch).permutation(len(self._batches))
+        for j in idx:
+            yield list(self._batches[j])
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def worker_init(_worker_id: int) -> None:
+    """Each DataLoader worker opens its own store handle and runs torch single-threaded."""
+    torch.set_num_threads(1)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "_store"):
+        info.dataset._store = None
+
+
+def make_loader(dataset: KDDataset, *, max_seconds: float = 60.0, shuffle: bool = True, seed: int = 0,
+                num_workers: int = 0, multiprocessing_context: str | None = None):
+    sampler = ShardBucketSampler(dataset.durations(), dataset.shard_of(), max_seconds=max_seconds,
+                                 shuffle=shuffle, seed=seed)
+    kwargs = {}
+    if num_workers:
+        kwargs = {"worker_init_fn": worker_init, "persistent_workers": False,
+                  "multiprocessing_context": multiprocessing_context}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, **kwargs)

@@ -1,0 +1,62 @@
+"""Student training: the loss falls, runs are deterministic, and a resumed run equals an uninterrupted one."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.train import TrainConfig, evaluate, train_student
+
+TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,
+            joiner_dim=32, dropout=0.1)
+
+
+def _cfg(**kw):
+    base = dict(kd="none", epochs=2, max_seconds=20, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=0,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run_dir):
+    return {k: v for k, v in load_file(str(run_dir / "last.safetensors")).items() if k.startswith("model.")}
+
+
+def test_loss_falls_and_run_is_evaluable(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train_student(tiny_corpus["train"], str(run), cfg=_cfg(epochs=4), student=TINY, progress=False)
+    recs = [json.loads(l) for l in open(run / "log.jsonl")]
+    losses = [r["loss_transducer"] for r in recs if "loss_transducer" in r]
+    assert len(losses) >= 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    assert (run / "curves.png").stat().st_size > 1000
+    res = evaluate(str(run), tiny_corpus["dev"])
+    assert res["words"] > 0 and res["errors"] >= 0
+
+
+def test_resume_continues_the_same_run(tiny_corpus, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_student(tiny_corpus["train"], str(full), cfg=_cfg(), student=TINY, progress=False)
+    out = train_student(tiny_corpus["train"], str(resumed), cfg=_cfg(), student=TINY, progress=False,
+                        stop_after_steps=3)
+    assert out["stopped_early"] and out["step"] == 3
+    train_student(tiny_corpus["train"], str(resumed), cfg=_cfg(), student=TINY, progress=False)
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps_full = [r["step"] for r in map(json.loads, open(full / "log.jsonl")) if "loss" in r]
+    steps_resumed = [r["step"] for r in map(json.loads, open(resumed / "log.jsonl")) if "loss" in r]
+    assert steps_full == steps_resumed
+
+
+def test_resume_refuses_changed_settings(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    train_student(tiny_corpus["train"], str(run), cfg=_cfg(), student=TINY, progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match="other training settings"):
+        train_student(tiny_corpus["train"], str(run), cfg=_cfg(lr=1e-4), student=TINY, progress=False)
+
+
+def test_kd_without_labels_is_refused(tiny_corpus, tmp_path):
+    with pytest.raises(ValueError, match="needs --labels"):
+        train_student(tiny_corpus["train"], str(tmp_path / "r"), cfg=_cfg(kd="mvq"), student=TINY, progress=False)
