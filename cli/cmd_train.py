@@ -1,0 +1,78 @@
+"""`ci-store train-student` and `ci-store evaluate`: the consumer side of a label store."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.cmd_extract import _json_opt
+from cli.main import main
+
+
+@main.command("train-student")
+@click.option("--train", "train_manifest", required=True, help="Training cuts/JSONL manifest (with texts).")
+@click.option("--labels", default=None, help="Label store URL: a CI store (--kd mvq) or float-label store (l1/l2).")
+@click.option("--kd", type=click.Choice(["mvq", "l1", "l2", "none"]), default="mvq", show_default=True)
+@click.option("--kd-scale", default=None, type=float,
+              help="Weight of the KD loss (default: 0.1 for mvq, as icefall; 1.0 for l1/l2).")
+@click.option("--dev", "dev_manifest", default=None, help="Dev manifest: WER after every epoch.")
+@click.option("--out", "out_dir", required=True, help="Run directory (re-run the same command to resume).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--max-seconds", default=60.0, show_default=True, help="Audio seconds per batch.")
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--warmup-steps", default=200, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--num-workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--threads", default=2, show_default=True, help="torch threads for training.")
+@click.option("--student", "student_json", default=None,
+              help='Student architecture overrides as JSON, e.g. \'{"d_model": 144, "num_layers": 6}\'.')
+@click.option("--tokenizer", default=None, help="Tokenizer JSON (default: characters of the training texts).")
+@click.option("--bpe", default=None, type=int, help="Train a sentencepiece BPE tokenizer of this size instead.")
+@click.option("--storage-options", default=None, help="JSON dict for fsspec (label store / audio URLs).")
+@click.option("--no-progress", is_flag=True)
+def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
+                      warmup_steps, seed, num_workers, threads, student_json, tokenizer, bpe, storage_options,
+                      no_progress):
+    """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
+    from distill.manifest import load_manifest
+    from distill.tokenizer import BPETokenizer, load_tokenizer
+    from distill.train import TrainConfig, train_student
+
+    if kd_scale is None:
+        kd_scale = 0.1 if kd == "mvq" else 1.0
+    cfg = TrainConfig(kd=kd, kd_scale=kd_scale, epochs=epochs, max_seconds=max_seconds, lr=lr,
+                      warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads)
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    elif bpe:
+        import os
+
+        os.makedirs(out_dir, exist_ok=True)
+        texts = [u.text or "" for u in load_manifest(train_manifest)]
+        tok = BPETokenizer.train(texts, bpe, os.path.join(out_dir, "bpe"))
+    try:
+        summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
+                                student=_json_opt(student_json), tokenizer=tok,
+                                storage_options=_json_opt(storage_options) or None, progress=not no_progress,
+                                log=click.echo)
+    except (ValueError, KeyError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+
+
+@main.command("evaluate")
+@click.argument("run_dir")
+@click.argument("manifest")
+@click.option("--max-seconds", default=120.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_cmd(run_dir, manifest, max_seconds, as_json):
+    """Greedy-decode MANIFEST with the student in RUN_DIR and print its WER."""
+    from distill.train import evaluate
+
+    res = evaluate(run_dir, manifest, max_seconds=max_seconds)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"WER {100 * res['wer']:.2f}% ({res['errors']} errors / {res['words']} words; "
+                   f"sub {res['substitutions']}, del {res['deletions']}, ins {res['insertions']})")
