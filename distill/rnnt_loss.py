@@ -204,7 +204,6 @@ def rnnt_loss(logits: torch.Tensor | LogitsFn, targets: torch.Tensor, logit_leng
         T = int(logit_lengths.max()) if logit_lengths.numel() else 0
         _check_inputs(targets, logit_lengths, target_lengths, B, T, U, None, blank)
         lp_blank, lp_label = gather_log_probs_chunked(logits, T, targets, blank, chunk_frames, target_lengths)
-        V = None
     else:
         if logits.dim() != 4:
             raise ValueError(f"rnnt_loss: logits must be [B, T, U+1, V], got {tuple(logits.shape)}")

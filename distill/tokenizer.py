@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import unicodedata
 from pathlib import Path
 from typing import Iterable
