@@ -15,7 +15,8 @@ from .format import shard_key
 from .fsio import ObjectStore
 from .shardcodec import EMPTY, ShardLayout
 
-MAX_GAP_BYTES = 1 << 20      # merge two chunk runs of one shard when fewer bytes than this lie between them
+MAX_GAP_BYTES = 64 << 10     # merge two chunk runs of one shard when at most this many unneeded bytes lie between
+                             # (ranges are fetched concurrently, so a wider merge mostly adds bytes, not speed)
 
 
 class ShardReader:
