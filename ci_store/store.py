@@ -88,6 +88,7 @@ class CIStore:
         self._h: _Handle | None = None
         self._index: UtteranceIndex | None = None
         self._plan: ShardPlan | None = None
+        self._ids: list[str] | None = None
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
         if not _lazy:
@@ -154,7 +155,10 @@ class CIStore:
 
     @property
     def ids(self) -> list[str]:
-        return self.index.ids.tolist()
+        """Utterance ids in storage order (a list built once per CIStore)."""
+        if self._ids is None:
+            self._ids = self.index.ids.tolist()
+        return self._ids
 
     def __len__(self) -> int:
         return int(self._handle().meta["num_utterances"])
@@ -467,7 +471,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
             if diffs:
                 raise StoreError(f"{url} already holds a different ci-store: " + "; ".join(diffs))
             return existing
-        if not all(k.startswith(_CREATE_PREFIXES) for k in keys):
+        if root is None or not all(k.startswith(_CREATE_PREFIXES) for k in keys):
             foreign = [k for k in keys if not k.startswith(_CREATE_PREFIXES)]
             raise StoreError(f"{url} is not empty and is not a ci-store (holds {name_some(foreign, 5)}); "
                              f"refusing to write there")

@@ -402,6 +402,16 @@ def test_create_and_open_refuse_bad_paths_and_mismatches(tmp_path, utts, data):
     assert (other / "notes.txt").read_text() == "keep me"
     with pytest.raises(StoreError, match="not a ci-store"):
         open_store(str(other))
+    lookalike = tmp_path / "lookalike"                   # files named like ours, but no zarr.json: not ours
+    (lookalike / "index").mkdir(parents=True)
+    (lookalike / "index" / "mine.csv").write_text("keep me too")
+    with pytest.raises(StoreError, match="not empty and is not a ci-store"):
+        create(str(lookalike), plan, num_codebooks=NCB, frame_rate=50.0)
+    assert (lookalike / "index" / "mine.csv").read_text() == "keep me too"
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is None:        # without gcsfs: a clear error, not a crash
+        with pytest.raises(StoreError, match="gcsfs"):
+            open_store("gs://some-bucket/labels")
     with pytest.raises(StoreError, match="no such directory"):
         open_store(str(tmp_path / "absent"))
     zarr.open_group(str(tmp_path / "plainzarr"), mode="w").create_array("x", shape=(3,), dtype="int8")
