@@ -24,7 +24,7 @@ from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_
 from .fsio import ObjectStore, normalize_url
 from .index import LOOKUPS, UtteranceIndex
 from .plan import ShardPlan
-from .quantizer import check_quantizer, read_quantizer, write_quantizer
+from .quantizer import arrays_sha256, check_quantizer, read_quantizer, write_quantizer
 from .reader import ShardReader
 from .shardcodec import ShardLayout, layout_from_zarr_metadata
 
@@ -438,7 +438,6 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     layout = ShardLayout(S, chunk_frames, width, np.dtype(dt), kind == "codes", cname, level)
     q_sha = None
     if qarrays is not None:
-        from .quantizer import arrays_sha256
         q_sha = arrays_sha256(qarrays)
     meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "array": ARRAY_NAME[kind],
