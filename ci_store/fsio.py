@@ -101,17 +101,31 @@ class ObjectStore:
             return [None if b is None else b.to_bytes() for b in bufs]
         return sync(run()) if requests else []
 
+    def _forget_listings(self) -> None:
+        """Drop fsspec's cached directory listings: other processes (extraction workers) write objects we must
+        see, and a stale listing would report finished shards as missing."""
+        fs = getattr(self.zarr_store, "fs", None)
+        if fs is not None and hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()
+
     def exists(self, key: str) -> bool:
         if self.local:
             return os.path.isfile(self._path(key))
+        self._forget_listings()
         return bool(sync(self.zarr_store.exists(key)))
 
     def list_prefix(self, prefix: str) -> list[str]:
+        if not self.local:
+            self._forget_listings()
+
         async def run():
             return [k async for k in self.zarr_store.list_prefix(prefix)]
         return sorted(sync(run()))
 
     def list_all(self) -> list[str]:
+        if not self.local:
+            self._forget_listings()
+
         async def run():
             return [k async for k in self.zarr_store.list()]
         return sorted(sync(run()))

@@ -60,6 +60,28 @@ def test_s3_resume_with_exist_ok(s3_bucket):
     assert verify_store(again) == []
 
 
+def _write_shard_elsewhere(args):
+    url, opts, shard, arrays = args
+    open_store(url, mode="r+", storage_options=opts).write_shard(shard, arrays)
+
+
+def test_reader_sees_shards_written_by_other_processes(s3_bucket):
+    """A handle that listed the store before workers wrote must not trust fsspec's cached listing."""
+    url, opts = s3_bucket
+    utts = [(f"u{i}", 40) for i in range(12)]
+    plan = plan_shards(utts, 128)
+    create(f"{url}/w", plan, num_codebooks=NCB, frame_rate=50.0, storage_options=opts)
+    reader = open_store(f"{url}/w", storage_options=opts)
+    assert reader.completed_shards() == set()
+    jobs = [(f"{url}/w", opts, sh.index, {u: np.full((40, NCB), sh.index, np.uint8) for u in sh.utt_ids})
+            for sh in plan.shards]
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_write_shard_elsewhere, jobs)
+    assert reader.completed_shards() == set(range(plan.num_shards))
+    assert open_store(f"{url}/w", storage_options=opts).completed_shards() == set(range(plan.num_shards))
+    assert (reader["u5"] == plan.shard_of("u5")).all()
+
+
 _INHERITED = {}
 
 
