@@ -21,6 +21,3 @@ def _register():
 
 
 _register()
-
-if __name__ == "__main__":
-    main()

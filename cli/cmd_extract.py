@@ -1,0 +1,111 @@
+"""`ci-store sample-frames`, `train-quantizer` and `extract`: populate a CI store from an audio corpus."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from cli.main import main
+
+
+def _json_opt(value: str | None) -> dict:
+    if not value:
+        return {}
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise click.BadParameter("must be a JSON object")
+    return out
+
+
+@main.command("sample-frames")
+@click.argument("manifest")
+@click.option("--teacher", required=True, help="Teacher checkpoint: HF HuBERT/wav2vec2 folder or ci-store .safetensors (path or fsspec URL).")
+@click.option("--layer", type=int, required=True, help="Hidden layer whose output is distilled.")
+@click.option("--out", "out_path", required=True, help="Where to write the sampled frames (.npy).")
+@click.option("--num-utterances", default=1000, show_default=True, help="Utterances drawn at random across the corpus.")
+@click.option("--max-frames", default=200_000, show_default=True, help="Cap on frames kept (random subset).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--storage-options", default=None, help="JSON dict passed to fsspec for manifest/audio/teacher URLs.")
+def sample_frames_cmd(manifest, teacher, layer, out_path, num_utterances, max_frames, seed, storage_options):
+    """Embed a seeded random sample of MANIFEST's utterances: the quantizer's training data."""
+    import numpy as np
+
+    from distill.extract import sample_frames
+
+    frames = sample_frames(manifest, teacher, layer, num_utterances=num_utterances, max_frames=max_frames,
+                           seed=seed, storage_options=_json_opt(storage_options) or None)
+    np.save(out_path, frames)
+    click.echo(f"wrote {frames.shape[0]} frames x {frames.shape[1]} dims to {out_path}")
+
+
+@main.command("train-quantizer")
+@click.argument("frames")
+@click.option("--num-codebooks", default=16, show_default=True, help="Bytes per frame at codebook size 256.")
+@click.option("--codebook-size", default=256, show_default=True)
+@click.option("--out", "out_path", required=True, help="Quantizer file to write (.safetensors).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--held-out", default=0.05, show_default=True, help="Fraction of frames kept out to report the error.")
+@click.option("--device", default="cpu", show_default=True)
+def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, held_out, device):
+    """Train the MVQ codec on FRAMES (.npy from sample-frames) and save it."""
+    import numpy as np
+
+    from distill.mvq import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error
+
+    x = np.load(frames, mmap_mode="r", allow_pickle=False)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(x.shape[0])
+    n_test = int(round(x.shape[0] * held_out)) if held_out > 0 else 0
+    test, train = np.asarray(x[np.sort(perm[:n_test])]), np.asarray(x[np.sort(perm[n_test:])])
+    q = MultiCodebookQuantizer.train(train, num_codebooks=num_codebooks, codebook_size=codebook_size,
+                                     seed=seed, device=device)
+    q.save(out_path)
+    click.echo(f"quantizer {q.quantizer_id}: dim {q.dim}, {q.num_codebooks} codebooks x {q.codebook_size} -> {out_path}")
+    if n_test:
+        codes = q.encode(test)
+        err = relative_reconstruction_error(test, q.decode(codes))
+        ent = codebook_usage_entropy(codes, q.codebook_size)
+        click.echo(f"held-out relative reconstruction error: {err:.4f} on {n_test} frames")
+        click.echo(f"codebook usage entropy (bits, max {np.log2(q.codebook_size):.0f}): "
+                   f"min {ent.min():.2f} mean {ent.mean():.2f}")
+
+
+@main.command("extract")
+@click.argument("manifest")
+@click.option("--teacher", required=True, help="Teacher checkpoint (path or fsspec URL).")
+@click.option("--layer", type=int, required=True)
+@click.option("--quantizer", required=True, help="Quantizer file from train-quantizer.")
+@click.option("--out", required=True, help="CI store URL (path, file://, s3://, gs://, memory://).")
+@click.option("--float-labels", default=None, help="Also write float embeddings to this store URL (l1/l2 baselines).")
+@click.option("--dtype", "float_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="LocalCluster worker processes.")
+@click.option("--threads-per-worker", default=1, show_default=True, help="torch threads in each worker.")
+@click.option("--scheduler", default=None, help="tcp://host:port of a running Dask scheduler (instead of LocalCluster).")
+@click.option("--shard-frames", default=None, type=int, help="Frames per CI shard (default 1,048,576).")
+@click.option("--batch-frames", default=20000, show_default=True, help="Frames per quantizer encode call.")
+@click.option("--storage-options", default=None, help="JSON dict for fsspec (endpoint, credentials, caching).")
+@click.option("--retries", default=2, show_default=True, help="Dask retries per shard task.")
+@click.option("--no-progress", is_flag=True)
+def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dtype, workers, threads_per_worker,
+                scheduler, shard_frames, batch_frames, storage_options, retries, no_progress):
+    """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
+    from distill.extract import DEFAULT_SHARD_FRAMES, ExtractionConfig, ExtractionError, run_extraction
+
+    cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out, float_labels=float_labels,
+                           float_dtype=float_dtype, storage_options=_json_opt(storage_options),
+                           batch_frames=batch_frames, threads_per_worker=threads_per_worker)
+    try:
+        report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,
+                                shard_frames=shard_frames or DEFAULT_SHARD_FRAMES, progress=not no_progress,
+                                retries=retries, log=click.echo)
+    except ExtractionError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(report.summary())
+    if not report.ok:
+        click.echo(f"error: {len(report.failures)} utterance(s) failed; the rest of the store is complete",
+                   err=True)
+        sys.exit(2)

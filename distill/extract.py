@@ -1,0 +1,422 @@
+"""The extraction job: audio corpus -> teacher embeddings -> MVQ codes -> CI store, one Dask task per shard.
+
+Why shards are the unit of work: every shard object is written by exactly one task, so parallel workers never
+touch the same object, a retried task rewrites identical bytes, and the per-shard completion record lets a killed
+job resume where it stopped.
+
+Reproducibility: the shard layout depends only on the manifest's ids and exact frame counts (sorted by id), each
+utterance goes through the teacher alone (no padding, so batch composition cannot change its frames), every
+worker runs torch with a fixed thread count, and the quantizer's encoding is bit-identical whatever the batch.
+So worker count, batch size and manifest order do not change a single stored byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ci_store import ShardPlan, create, open_store, plan_shards
+from distill.audio import AudioError, read_audio
+from distill.manifest import Utterance, load_manifest, probe_utterance
+
+DEFAULT_SHARD_FRAMES = 1 << 20  # ~5.8 h of 50 Hz frames: few large objects on object storage
+DEFAULT_FLOAT_SHARD_BYTES = 128 << 20  # float-label shards stay ~128 MB
+CRASH_ENV = "CI_STORE_TEST_CRASH_ONCE"  # fault injection for the worker-death test: "<marker file>:<shard>"
+
+
+class ExtractionError(RuntimeError):
+    """The job cannot start (bad manifest, incompatible store, ...); raised before any shard is written."""
+
+
+@dataclass
+class ExtractionConfig:
+    """Everything a shard task needs; plain data so it ships to Dask workers without pickling models."""
+
+    teacher: str
+    layer: int
+    quantizer: str
+    out: str
+    float_labels: str | None = None
+    float_dtype: str = "float16"
+    storage_options: dict = field(default_factory=dict)
+    batch_frames: int = 20000  # frames encoded per quantizer call
+    threads_per_worker: int = 1
+    min_seconds: float = 0.1  # shorter audio is recorded as a failure ("too short")
+    device: str = "cpu"
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    frames: int
+    utterances: int
+    failures: dict
+    seconds_total: float
+    seconds_teacher: float
+    skipped: bool = False
+
+
+@dataclass
+class ExtractionReport:
+    out: str
+    num_shards: int
+    shards_run: int
+    shards_skipped: int
+    frames: int
+    seconds: float
+    seconds_teacher: float
+    failures: dict
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        fps = self.frames / self.seconds if self.seconds > 0 else float("nan")
+        lines = [
+            f"store: {self.out}",
+            f"shards: {self.num_shards} total, {self.shards_run} run, {self.shards_skipped} already complete",
+            f"frames: {self.frames} in {self.seconds:.1f} s ({fps:,.0f} frames/s)",
+            f"failed utterances: {len(self.failures)}",
+        ]
+        for uid, reason in sorted(self.failures.items())[:20]:
+            lines.append(f"  {uid}: {reason}")
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more (see `ci-store inspect`)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- per-process model cache
+
+_MODELS: dict = {}
+
+
+def _models(cfg: ExtractionConfig):
+    """Load teacher and quantizer once per worker process (not once per task)."""
+    import torch
+
+    from distill.mvq import MultiCodebookQuantizer
+    from distill.teachers import load_teacher
+
+    torch.set_num_threads(cfg.threads_per_worker)
+    key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
+    if key not in _MODELS:
+        teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
+                               storage_options=cfg.storage_options or None)
+        quantizer = MultiCodebookQuantizer.load(cfg.quantizer).to(cfg.device)
+        _MODELS.clear()
+        _MODELS[key] = (teacher, quantizer)
+    return _MODELS[key]
+
+
+def _maybe_crash(shard: int) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    marker, _, which = spec.rpartition(":")
+    if int(which) == shard and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(17)  # a worker dying mid-task, as an OOM kill would
+
+
+def embed_utterance(teacher, utt: Utterance, wave: np.ndarray) -> np.ndarray:
+    """Teacher frames [T, dim] float32 for one utterance, embedded alone (no padding)."""
+    import torch
+
+    with torch.inference_mode():
+        w = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]
+        frames, lens = teacher.embed(w, torch.tensor([w.shape[1]]))
+    return frames[0, : int(lens[0])].float().cpu().numpy()
+
+
+def run_shard(cfg: ExtractionConfig, shard_index: int, utts: list[Utterance],
+              float_shards: list[int] | None = None) -> ShardResult:
+    """Extract one CI shard (and the float-label shards nested in it); a no-op if already complete."""
+    t0 = time.perf_counter()
+    store = open_store(cfg.out, mode="r+", storage_options=cfg.storage_options or None)
+    fstore = (open_store(cfg.float_labels, mode="r+", storage_options=cfg.storage_options or None)
+              if cfg.float_labels else None)
+    float_shards = float_shards or []
+    float_todo = [j for j in float_shards if fstore is not None and not fstore.is_shard_complete(j)]
+    if store.is_shard_complete(shard_index) and not float_todo:
+        return ShardResult(shard_index, 0, 0, {}, 0.0, 0.0, skipped=True)
+    _maybe_crash(shard_index)
+    teacher, quantizer = _models(cfg)
+    expected = {sid: n for sid, n in zip(store.plan.shards[shard_index].utt_ids,
+                                          store.plan.shards[shard_index].num_frames)}
+    embeddings: dict[str, np.ndarray] = {}
+    failures: dict[str, str] = {}
+    t_teacher = 0.0
+    for utt in utts:
+        try:
+            wave = read_audio(utt, teacher.sample_rate, storage_options=cfg.storage_options or None,
+                              min_samples=max(int(cfg.min_seconds * teacher.sample_rate),
+                                                  teacher.min_samples))
+        except AudioError as e:
+            failures[utt.id] = e.reason
+            continue
+        t1 = time.perf_counter()
+        emb = embed_utterance(teacher, utt, wave)
+        t_teacher += time.perf_counter() - t1
+        if emb.shape[0] != expected[utt.id]:
+            failures[utt.id] = (f"teacher produced {emb.shape[0]} frames, planned {expected[utt.id]} "
+                                f"(manifest sample count disagrees with the audio?)")
+            continue
+        if not np.isfinite(emb).all():
+            bad = int(np.argmax(~np.isfinite(emb).all(axis=1)))
+            failures[utt.id] = f"non-finite teacher embedding (NaN/inf) at frame {bad}"
+            continue
+        embeddings[utt.id] = emb
+    codes = _encode_all(quantizer, embeddings, cfg.batch_frames)
+    if fstore is not None:
+        for j in float_todo:
+            sub = fstore.plan.shards[j]
+            fstore.write_shard(j, {u: embeddings[u].astype(cfg.float_dtype) for u in sub.utt_ids
+                                   if u in embeddings},
+                               failures={u: failures[u] for u in sub.utt_ids if u in failures})
+    if not store.is_shard_complete(shard_index):
+        store.write_shard(shard_index, codes, failures=failures)
+    frames = sum(int(e.shape[0]) for e in embeddings.values())
+    return ShardResult(shard_index, frames, len(utts), failures, time.perf_counter() - t0, t_teacher)
+
+
+def _encode_all(quantizer, embeddings: dict[str, np.ndarray], batch_frames: int) -> dict[str, np.ndarray]:
+    """Encode many utterances with few quantizer calls; codes are batch-invariant so grouping is free."""
+    if not embeddings:
+        return {}
+    ids = list(embeddings)
+    out: dict[str, np.ndarray] = {}
+    group: list[str] = []
+    count = 0
+    for i, uid in enumerate(ids):
+        group.append(uid)
+        count += embeddings[uid].shape[0]
+        if count >= batch_frames or i == len(ids) - 1:
+            cat = np.concatenate([embeddings[u] for u in group])
+            codes = quantizer.encode(cat)
+            start = 0
+            for u in group:
+                n = embeddings[u].shape[0]
+                out[u] = codes[start:start + n]
+                start += n
+            group, count = [], 0
+    return out
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _probe_all(utts: list[Utterance], storage_options: dict | None) -> list[Utterance]:
+    """Fill missing sample counts from file headers; unreadable files keep a 0-sample placeholder so they
+    still get an index entry and fail (recorded, with the reason) inside their shard task."""
+    out = []
+    for u in utts:
+        if u.num_samples is None or u.sample_rate is None:
+            try:
+                u = probe_utterance(u, storage_options)
+            except AudioError:
+                u = dataclasses.replace(u, num_samples=0, sample_rate=u.sample_rate or 16000)
+        out.append(u)
+    return out
+
+
+def check_unique_ids(utts: list[Utterance]) -> None:
+    seen, dups = set(), []
+    for u in utts:
+        if u.id in seen:
+            dups.append(u.id)
+        seen.add(u.id)
+    if dups:
+        raise ExtractionError(f"duplicate utterance ids in the manifest: {sorted(set(dups))[:20]}")
+
+
+def frame_counts(utts: list[Utterance], teacher) -> list[tuple[str, int]]:
+    """Exact teacher frame count of every utterance, from exact sample counts; sorted by id."""
+    out = []
+    for u in sorted(utts, key=lambda u: u.id):
+        n = u.num_samples_at(teacher.sample_rate)
+        out.append((u.id, max(0, int(teacher.num_frames(n)))))
+    return out
+
+
+def plan_stores(counts: list[tuple[str, int]], shard_frames: int, float_shard_frames: int | None):
+    """CI shards, and float shards nested inside them (so one task owns every object it writes).
+
+    Utterances whose audio is too short for even one teacher frame still get an entry of 1 frame so they
+    appear in the index; their extraction is recorded as a failure.
+    """
+    counts = [(u, max(1, n)) for u, n in counts]
+    plan = plan_shards(counts, shard_frames)
+    if float_shard_frames is None:
+        return plan, None, None
+    # a float shard must hold the longest utterance (float shards are sized in bytes, not by the user)
+    float_shard_frames = max(float_shard_frames, max(n for _, n in counts))
+    groups, nested = [], []
+    for sh in plan.shards:
+        sub = plan_shards(list(zip(sh.utt_ids, sh.num_frames)), float_shard_frames)
+        nested.append(list(range(len(groups), len(groups) + sub.num_shards)))
+        groups.extend([list(zip(s.utt_ids, s.num_frames)) for s in sub.shards])
+    fplan = ShardPlan.from_groups(groups, float_shard_frames)
+    return plan, fplan, nested
+
+
+def float_shard_frames_for(dim: int, dtype: str, target_bytes: int = DEFAULT_FLOAT_SHARD_BYTES) -> int:
+    item = np.dtype(dtype).itemsize
+    return max(4096, int(target_bytes // (dim * item)))
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _teacher_meta(teacher) -> dict:
+    return {"name": teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256, "layer": teacher.layer,
+            "sample_rate": teacher.sample_rate, "dim": teacher.dim}
+
+
+def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHARD_FRAMES,
+            float_shard_frames: int | None = None, manifest_storage_options: dict | None = None):
+    """Validate inputs, plan the layout and create (or reopen, for resume) the output stores."""
+    from distill.mvq import MultiCodebookQuantizer
+    from distill.teachers import load_teacher
+
+    utts = load_manifest(manifest, storage_options=manifest_storage_options) if isinstance(manifest, str) \
+        else list(manifest)
+    if not utts:
+        raise ExtractionError(f"manifest {manifest!r} has no utterances")
+    check_unique_ids(utts)
+    utts = _probe_all(utts, manifest_storage_options)
+    teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
+                           storage_options=cfg.storage_options or None)
+    quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
+    if quantizer.dim != teacher.dim:
+        raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "
+                              f"layer {cfg.layer} gives dim {teacher.dim}")
+    counts = frame_counts(utts, teacher)
+    if cfg.float_labels and float_shard_frames is None:
+        float_shard_frames = float_shard_frames_for(teacher.dim, cfg.float_dtype)
+    plan, fplan, nested = plan_stores(counts, shard_frames, float_shard_frames if cfg.float_labels else None)
+    meta = _teacher_meta(teacher)
+    qstate = {"id": quantizer.quantizer_id, "config": quantizer.config, "arrays": quantizer.to_arrays()}
+    so = cfg.storage_options or None
+    try:
+        create(cfg.out, plan, kind="codes", num_codebooks=quantizer.num_codebooks,
+               codebook_size=quantizer.codebook_size, frame_rate=teacher.frame_rate, teacher=meta,
+               quantizer=qstate, storage_options=so, exist_ok=True)
+        if cfg.float_labels:
+            create(cfg.float_labels, fplan, kind="float", dim=teacher.dim, dtype=cfg.float_dtype,
+                   frame_rate=teacher.frame_rate, teacher=meta, storage_options=so, exist_ok=True)
+    except Exception as e:  # StoreError: mismatched quantizer, different plan, not a store...
+        raise ExtractionError(str(e)) from e
+    by_id = {u.id: u for u in utts}
+    tasks = []
+    for sh in plan.shards:
+        tasks.append((sh.index, [by_id[u] for u in sh.utt_ids], nested[sh.index] if nested else None))
+    return plan, tasks
+
+
+def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, scheduler: str | None = None,
+                   shard_frames: int = DEFAULT_SHARD_FRAMES, float_shard_frames: int | None = None,
+                   progress: bool = True, retries: int = 2, log=print) -> ExtractionReport:
+    """Run the whole job on Dask (embedded LocalCluster unless `scheduler` names a running one)."""
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    plan, tasks = prepare(manifest, cfg, shard_frames=shard_frames, float_shard_frames=float_shard_frames)
+    store = open_store(cfg.out, mode="r", storage_options=cfg.storage_options or None)
+    done = store.completed_shards()
+    fstore = (open_store(cfg.float_labels, mode="r", storage_options=cfg.storage_options or None)
+              if cfg.float_labels else None)
+    fdone = fstore.completed_shards() if fstore is not None else set()
+    todo = [t for t in tasks if t[0] not in done or any(j not in fdone for j in (t[2] or []))]
+    skipped = len(tasks) - len(todo)
+    results: list[ShardResult] = []
+    if todo:
+        cluster = None
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0" if _has_bokeh() else None,
+                                   silence_logs=40)
+            client = Client(cluster)
+        try:
+            if _has_bokeh() and client.dashboard_link:
+                log(f"Dask dashboard: {client.dashboard_link}")
+            frames_todo = sum(plan.shards[i].size for i, _, _ in todo)
+            futures = [client.submit(run_shard, cfg, i, utts, nested, key=f"ci-shard-{i}-{cfg.out}",
+                                     retries=retries, pure=False) for i, utts, nested in todo]
+            bar = tqdm(total=frames_todo, unit="frame", unit_scale=True, disable=not progress,
+                       desc="extract", dynamic_ncols=True)
+            for fut in as_completed(futures):
+                r: ShardResult = fut.result()
+                results.append(r)
+                bar.update(plan.shards[r.shard].size)
+                bar.set_postfix(shards=f"{len(results)}/{len(todo)}", failed=sum(len(x.failures) for x in results))
+            bar.close()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    store = open_store(cfg.out, mode="r", storage_options=cfg.storage_options or None)
+    return ExtractionReport(
+        out=cfg.out, num_shards=plan.num_shards, shards_run=len(todo), shards_skipped=skipped,
+        frames=sum(r.frames for r in results), seconds=time.perf_counter() - t0,
+        seconds_teacher=sum(r.seconds_teacher for r in results), failures=store.failures())
+
+
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------- quantizer training data
+
+
+def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
+                  max_frames: int = 200_000, seed: int = 0, storage_options: dict | None = None,
+                  progress: bool = True) -> np.ndarray:
+    """Embed a seeded random sample of utterances drawn across the whole corpus (not the first N)."""
+    from tqdm.auto import tqdm
+
+    from distill.teachers import load_teacher
+
+    utts = load_manifest(manifest, storage_options=storage_options) if isinstance(manifest, str) else list(manifest)
+    check_unique_ids(utts)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(utts))
+    teacher = load_teacher(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
+    chunks, total, skipped = [], 0, []
+    bar = tqdm(total=min(num_utterances, len(utts)), desc="sample-frames", disable=not progress)
+    for idx in order[:num_utterances]:
+        u = utts[int(idx)]
+        try:
+            wave = read_audio(u, teacher.sample_rate, storage_options=storage_options,
+                              min_samples=teacher.min_samples)
+        except AudioError as e:
+            skipped.append((u.id, e.reason))
+            bar.update(1)
+            continue
+        emb = embed_utterance(teacher, u, wave)
+        if np.isfinite(emb).all() and emb.shape[0]:
+            chunks.append(emb)
+            total += emb.shape[0]
+        bar.update(1)
+        if total >= max_frames:
+            break
+    bar.close()
+    if not chunks:
+        raise ExtractionError(f"no usable utterance in the sample from {manifest!r}: {skipped[:5]}")
+    frames = np.concatenate(chunks)
+    if frames.shape[0] > max_frames:
+        frames = frames[np.sort(rng.choice(frames.shape[0], max_frames, replace=False))]
+    return frames
