@@ -1,0 +1,156 @@
+"""The student data path: aligned CI/float labels from a store, DataLoader workers over S3, KD training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ci_store import create, open_store, plan_shards
+from distill.alignment import IGNORE, AlignmentError
+from distill.audio import read_audio
+from distill.dataset import KDDataset, ShardBucketSampler, collate, make_loader, student_frames
+from distill.fbank import compute_fbank
+from distill.manifest import load_manifest
+from distill.tokenizer import CharTokenizer
+from distill.train import TrainConfig, train_student
+
+NCB, DIM = 4, 8
+TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,
+            joiner_dim=32, dropout=0.0)
+
+
+def _teacher_like_labels(utts):
+    """Labels a student can learn: per 50 Hz frame, codes/floats derived from the audio's fbank energy.
+
+    Teacher frame counts are 2 x student frames - 1 (a one-frame mismatch, as real teachers have)."""
+    codes, floats = {}, {}
+    for u in utts:
+        fb = compute_fbank(read_audio(u, 16000))
+        n = 2 * student_frames(fb.shape[0], 4) - 1
+        e = np.zeros(n, np.float32)
+        m = min(n, fb.shape[0] // 2)
+        e[:m] = fb[: 2 * m].reshape(m, 2, -1).mean(axis=(1, 2))
+        z = (e - e.mean()) / (e.std() + 1e-6)
+        codes[u.id] = np.stack([np.digitize(z, np.linspace(-2, 2, 15) + 0.1 * c) for c in range(NCB)], 1
+                               ).astype(np.uint8)
+        floats[u.id] = np.stack([z * (c + 1) for c in range(DIM)], 1).astype(np.float32)
+    return codes, floats
+
+
+def _write(url, kind, labels, opts=None):
+    plan = plan_shards([(u, a.shape[0]) for u, a in sorted(labels.items())], 1024)
+    kw = dict(num_codebooks=NCB, codebook_size=16) if kind == "codes" else dict(dim=DIM, dtype="float16")
+    st = create(url, plan, kind=kind, frame_rate=50.0, storage_options=opts, **kw)
+    for sh in plan.shards:
+        st.write_shard(sh.index, {u: labels[u] for u in sh.utt_ids})
+    return url
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("labels")
+    utts = load_manifest(tiny_corpus["train"])
+    codes, floats = _teacher_like_labels(utts)
+    return {"codes": _write(str(d / "ci"), "codes", codes), "float": _write(str(d / "f16"), "float", floats),
+            "codes_data": codes, "utts": utts}
+
+
+def test_items_carry_aligned_labels(stores):
+    utts = stores["utts"]
+    tok = CharTokenizer.build([u.text for u in utts])
+    ds = KDDataset(utts, tok, labels=stores["codes"])
+    assert ds.k == 2 and ds.label_width == NCB and ds.kind == "codes"
+    ex = ds[0]
+    raw = stores["codes_data"][ex.id]
+    T = student_frames(ex.feats.shape[0], 4)
+    assert ex.labels.shape == (T, 2 * NCB) and ex.feats.shape[1] == 80
+    np.testing.assert_array_equal(ex.labels.reshape(-1, NCB)[: raw.shape[0]], raw)
+    assert (ex.labels.reshape(-1, NCB)[raw.shape[0]:] == IGNORE).all()
+    assert ex.label_mask.sum() == raw.shape[0]
+    assert tok.decode(ex.tokens).replace(" ", "") == "".join(ex.text.upper().split()).replace(",", "") or ex.tokens
+
+
+def test_collate_pads_labels_with_ignore(stores):
+    utts = stores["utts"]
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=stores["codes"])
+    batch = collate([ds[i] for i in range(3)])
+    B, T, W = batch["labels"].shape
+    assert B == 3 and W == 2 * NCB
+    for b in range(3):
+        n = int(batch["label_mask"][b].any(-1).sum())
+        assert (batch["labels"][b, n + 1:] == IGNORE).all()
+    assert batch["feats"].shape[0] == 3 and batch["tokens"].dtype == torch.int64
+
+
+def test_mismatched_labels_refused_naming_the_utterance(stores, tmp_path):
+    utts = stores["utts"]
+    wrong = {u: np.zeros((a.shape[0] // 2, NCB), np.uint8) for u, a in stores["codes_data"].items()}
+    url = _write(str(tmp_path / "wrong"), "codes", wrong)
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=url)
+    with pytest.raises(AlignmentError, match=utts[0].id):
+        ds[0]
+
+
+def test_manifest_utterance_missing_from_store_is_named(stores, tmp_path):
+    utts = stores["utts"]
+    some = dict(list(stores["codes_data"].items())[:-1])
+    url = _write(str(tmp_path / "partial"), "codes", some)
+    missing = sorted(set(u.id for u in utts) - set(some))[0]
+    with pytest.raises(KeyError, match=missing):
+        KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=url)
+
+
+def test_sampler_groups_by_shard_and_caps_seconds():
+    rng = np.random.default_rng(0)
+    dur = rng.uniform(1, 10, 200)
+    shards = np.repeat(np.arange(4), 50)
+    s = ShardBucketSampler(dur, shards, max_seconds=40, seed=1)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(set(shards[b])) == 1
+        assert dur[b].max() * len(b) <= 40 or len(b) == 1
+    s.set_epoch(1)
+    assert [tuple(b) for b in s] != [tuple(b) for b in batches]  # reshuffled per epoch, same batches
+    assert sorted(map(tuple, s)) == sorted(map(tuple, batches))
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_loader_workers_over_s3(stores, s3_bucket, context):
+    url, opts = s3_bucket
+    s3_url = _write(f"{url}/ci", "codes", stores["codes_data"], opts)
+    utts = stores["utts"]
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=s3_url, storage_options=opts)
+    _ = ds.store[utts[0].id]  # the parent reads first: workers must not reuse its event loop
+    loader = make_loader(ds, max_seconds=15, shuffle=True, num_workers=2, multiprocessing_context=context)
+    seen = {}
+    for batch in loader:
+        for b, uid in enumerate(batch["ids"]):
+            seen[uid] = batch["labels"][b]
+    assert set(seen) == {u.id for u in utts}
+    local = open_store(stores["codes"])
+    for uid, lab in seen.items():
+        raw = local[uid]
+        np.testing.assert_array_equal(lab.reshape(-1, NCB)[: raw.shape[0]].numpy(), raw)
+
+
+@pytest.mark.parametrize("kd,store", [("mvq", "codes"), ("l1", "float"), ("l2", "float")])
+def test_kd_training_learns_the_labels(stores, tiny_corpus, tmp_path, kd, store):
+    run = tmp_path / kd
+    cfg = TrainConfig(kd=kd, kd_scale=1.0, epochs=12, max_seconds=20, lr=5e-3, warmup_steps=2, log_every=1,
+                      checkpoint_every=0, threads=1)
+    train_student(tiny_corpus["train"], str(run), labels=stores[store], cfg=cfg, student=TINY, progress=False)
+    recs = [json.loads(l) for l in open(run / "log.jsonl") if "loss_kd" in l]
+    kd_losses = [r["loss_kd"] for r in recs]
+    assert len(kd_losses) >= 8
+    first, last = np.mean(kd_losses[:3]), np.mean(kd_losses[-3:])
+    assert last < 0.8 * first, kd_losses
+    saved = json.load(open(run / "config.json"))
+    assert saved["student"]["kd_type"] == kd and saved["student"]["kd_stack"] == 2
+
+
+def test_kd_type_must_match_store_kind(stores, tiny_corpus, tmp_path):
+    cfg = TrainConfig(kd="l2", epochs=1, threads=1)
+    with pytest.raises(ValueError, match="float-label store"):
+        train_student(tiny_corpus["train"], str(tmp_path / "r"), labels=stores["codes"], cfg=cfg, student=TINY,
+                      progress=False)
