@@ -80,8 +80,10 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
 @click.option("--layer", type=int, required=True)
 @click.option("--quantizer", required=True, help="Quantizer file from train-quantizer.")
 @click.option("--out", required=True, help="CI store URL (path, file://, s3://, gs://, memory://).")
-@click.option("--float-labels", default=None, help="Also write float embeddings to this store URL (l1/l2 baselines).")
-@click.option("--dtype", "float_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--float-labels", multiple=True,
+              help="Also write the float embeddings to this store URL (l1/l2 baselines); repeatable.")
+@click.option("--dtype", "float_dtype", type=click.Choice(["float16", "float32"]), multiple=True,
+              help="dtype of each --float-labels store, in order (default float16).")
 @click.option("--workers", default=2, show_default=True, help="LocalCluster worker processes.")
 @click.option("--threads-per-worker", default=1, show_default=True, help="torch threads in each worker.")
 @click.option("--scheduler", default=None, help="tcp://host:port of a running Dask scheduler (instead of LocalCluster).")
@@ -95,8 +97,11 @@ def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dt
     """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
     from distill.extract import DEFAULT_SHARD_FRAMES, ExtractionConfig, ExtractionError, run_extraction
 
-    cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out, float_labels=float_labels,
-                           float_dtype=float_dtype, storage_options=_json_opt(storage_options),
+    if float_dtype and len(float_dtype) not in (1, len(float_labels)):
+        raise click.BadParameter(f"give one --dtype, or one per --float-labels ({len(float_labels)})")
+    dtypes = list(float_dtype or ["float16"]) * (len(float_labels) if len(float_dtype) <= 1 else 1)
+    cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out,
+                           float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=_json_opt(storage_options),
                            batch_frames=batch_frames, threads_per_worker=threads_per_worker)
     try:
         report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,

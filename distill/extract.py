@@ -41,13 +41,24 @@ class ExtractionConfig:
     layer: int
     quantizer: str
     out: str
-    float_labels: str | None = None
-    float_dtype: str = "float16"
+    float_labels: str | list[str] | None = None  # one or more float-label store URLs (l1/l2 baselines)
+    float_dtype: str | list[str] = "float16"  # one dtype for all, or one per float_labels URL
     storage_options: dict = field(default_factory=dict)
     batch_frames: int = 20000  # frames encoded per quantizer call
     threads_per_worker: int = 1
     min_seconds: float = 0.1  # shorter audio is recorded as a failure ("too short")
     device: str = "cpu"
+
+    def float_targets(self) -> list[tuple[str, str]]:
+        """[(url, dtype)] of the float-label stores written alongside the CI store."""
+        urls = [self.float_labels] if isinstance(self.float_labels, str) else list(self.float_labels or [])
+        dtypes = [self.float_dtype] * len(urls) if isinstance(self.float_dtype, str) else list(self.float_dtype)
+        if len(dtypes) != len(urls):
+            raise ExtractionError(f"{len(urls)} float-label stores but {len(dtypes)} dtypes given")
+        for d in dtypes:
+            if d not in ("float16", "float32"):
+                raise ExtractionError(f"float label dtype must be float16 or float32, got {d!r}")
+        return list(zip(urls, dtypes))
 
 
 @dataclass
@@ -140,10 +151,13 @@ def run_shard(cfg: ExtractionConfig, shard_index: int, utts: list[Utterance],
     """Extract one CI shard (and the float-label shards nested in it); a no-op if already complete."""
     t0 = time.perf_counter()
     store = open_store(cfg.out, mode="r+", storage_options=cfg.storage_options or None)
-    fstore = (open_store(cfg.float_labels, mode="r+", storage_options=cfg.storage_options or None)
-              if cfg.float_labels else None)
-    float_shards = float_shards or []
-    float_todo = [j for j in float_shards if fstore is not None and not fstore.is_shard_complete(j)]
+    so = cfg.storage_options or None
+    float_todo = []  # (store, dtype, nested shards not yet complete)
+    for url, dtype in cfg.float_targets():
+        fstore = open_store(url, mode="r+", storage_options=so)
+        todo = [j for j in (float_shards or []) if not fstore.is_shard_complete(j)]
+        if todo:
+            float_todo.append((fstore, dtype, todo))
     if store.is_shard_complete(shard_index) and not float_todo:
         return ShardResult(shard_index, 0, 0, {}, 0.0, 0.0, skipped=True)
     _maybe_crash(shard_index)
@@ -174,11 +188,10 @@ def run_shard(cfg: ExtractionConfig, shard_index: int, utts: list[Utterance],
             continue
         embeddings[utt.id] = emb
     codes = _encode_all(quantizer, embeddings, cfg.batch_frames)
-    if fstore is not None:
-        for j in float_todo:
+    for fstore, dtype, todo in float_todo:
+        for j in todo:
             sub = fstore.plan.shards[j]
-            fstore.write_shard(j, {u: embeddings[u].astype(cfg.float_dtype) for u in sub.utt_ids
-                                   if u in embeddings},
+            fstore.write_shard(j, {u: embeddings[u].astype(dtype) for u in sub.utt_ids if u in embeddings},
                                failures={u: failures[u] for u in sub.utt_ids if u in failures})
     if not store.is_shard_complete(shard_index):
         store.write_shard(shard_index, codes, failures=failures)
@@ -298,9 +311,11 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
         raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "
                               f"layer {cfg.layer} gives dim {teacher.dim}")
     counts = frame_counts(utts, teacher)
-    if cfg.float_labels and float_shard_frames is None:
-        float_shard_frames = float_shard_frames_for(teacher.dim, cfg.float_dtype)
-    plan, fplan, nested = plan_stores(counts, shard_frames, float_shard_frames if cfg.float_labels else None)
+    floats = cfg.float_targets()
+    if floats and float_shard_frames is None:  # sized for the widest dtype; all float stores share one layout
+        float_shard_frames = float_shard_frames_for(teacher.dim, max((d for _, d in floats),
+                                                                     key=lambda d: np.dtype(d).itemsize))
+    plan, fplan, nested = plan_stores(counts, shard_frames, float_shard_frames if floats else None)
     meta = _teacher_meta(teacher)
     qstate = {"id": quantizer.quantizer_id, "config": quantizer.config, "arrays": quantizer.to_arrays()}
     so = cfg.storage_options or None
@@ -308,9 +323,9 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
         create(cfg.out, plan, kind="codes", num_codebooks=quantizer.num_codebooks,
                codebook_size=quantizer.codebook_size, frame_rate=teacher.frame_rate, teacher=meta,
                quantizer=qstate, storage_options=so, exist_ok=True)
-        if cfg.float_labels:
-            create(cfg.float_labels, fplan, kind="float", dim=teacher.dim, dtype=cfg.float_dtype,
-                   frame_rate=teacher.frame_rate, teacher=meta, storage_options=so, exist_ok=True)
+        for url, dtype in floats:
+            create(url, fplan, kind="float", dim=teacher.dim, dtype=dtype, frame_rate=teacher.frame_rate,
+                   teacher=meta, storage_options=so, exist_ok=True)
     except Exception as e:  # StoreError: mismatched quantizer, different plan, not a store...
         raise ExtractionError(str(e)) from e
     by_id = {u.id: u for u in utts}
@@ -331,10 +346,9 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, schedul
     plan, tasks = prepare(manifest, cfg, shard_frames=shard_frames, float_shard_frames=float_shard_frames)
     store = open_store(cfg.out, mode="r", storage_options=cfg.storage_options or None)
     done = store.completed_shards()
-    fstore = (open_store(cfg.float_labels, mode="r", storage_options=cfg.storage_options or None)
-              if cfg.float_labels else None)
-    fdone = fstore.completed_shards() if fstore is not None else set()
-    todo = [t for t in tasks if t[0] not in done or any(j not in fdone for j in (t[2] or []))]
+    fdone = [open_store(url, mode="r", storage_options=cfg.storage_options or None).completed_shards()
+             for url, _ in cfg.float_targets()]
+    todo = [t for t in tasks if t[0] not in done or any(j not in d for d in fdone for j in (t[2] or []))]
     skipped = len(tasks) - len(todo)
     results: list[ShardResult] = []
     if todo:

@@ -201,13 +201,16 @@ def test_other_quantizer_refused_and_store_untouched(reference, corpus, models, 
 
 def test_extract_to_s3_with_float_labels(corpus, models, s3_bucket):
     url, opts = s3_bucket
-    cfg = _cfg(models, f"{url}/ci.zarr", float_labels=f"{url}/f16.zarr", storage_options=opts)
+    cfg = _cfg(models, f"{url}/ci.zarr", float_labels=[f"{url}/f16.zarr", f"{url}/f32.zarr"],
+               float_dtype=["float16", "float32"], storage_options=opts)
     rep = run_extraction(corpus["train"], cfg, workers=1, shard_frames=SHARD, progress=False)
     assert rep.ok
     ci = open_store(f"{url}/ci.zarr", storage_options=opts)
     fl = open_store(f"{url}/f16.zarr", storage_options=opts)
     assert ci.completed_shards() == set(range(ci.plan.num_shards))
-    assert fl.kind == "float" and fl.meta["dtype"] == "float16"
+    f32 = open_store(f"{url}/f32.zarr", storage_options=opts)
+    assert fl.kind == "float" and fl.meta["dtype"] == "float16" and f32.meta["dtype"] == "float32"
+    assert f32.plan == fl.plan  # one layout for all float stores, nested in the CI shards
     q = MultiCodebookQuantizer.load(models[1])
     for uid in ci.ids[:3]:
         emb = fl[uid].astype(np.float32)
@@ -215,5 +218,7 @@ def test_extract_to_s3_with_float_labels(corpus, models, s3_bucket):
         # float16 rounding can flip a near-tie, so compare codes of the stored floats loosely
         agree = (q.encode(emb) == ci[uid]).mean()
         assert agree > 0.9, agree
+        np.testing.assert_array_equal(q.encode(f32[uid]), ci[uid])  # float32 labels are exactly what was coded
+        np.testing.assert_array_equal(f32[uid].astype(np.float16), fl[uid])
     res = CliRunner().invoke(cli, ["verify", f"{url}/ci.zarr", "--storage-options", json.dumps(opts)])
     assert res.exit_code == 0, res.output
