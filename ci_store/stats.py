@@ -11,6 +11,17 @@ def storage_bytes(st: CIStore) -> int:
     return st._handle().objects.total_size()
 
 
+def quantizer_bytes(st: CIStore) -> int:
+    """Bytes of the quantizer stored inside the store: a fixed cost (dim x codebooks x 256 floats), not per frame."""
+    objects = st._handle().objects
+    if objects.local:
+        import os
+
+        root = os.path.join(objects.url, "quantizer")
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    return sum(objects.getsize(k) for k in objects.list_prefix("quantizer/"))
+
+
 def codebook_entropy(st: CIStore, max_frames: int = 100_000, seed: int = 0) -> list[float] | None:
     """Usage entropy (bits) of each codebook over up to max_frames frames of randomly chosen utterances.
 
@@ -91,13 +102,17 @@ def compare_rows(stores: list[CIStore], dim: int | None = None) -> list[dict]:
     for st in stores:
         meta = st.meta
         nbytes = storage_bytes(st)
+        qbytes = quantizer_bytes(st)
         frames = meta["total_frames"]
         d = teacher_dim(st, dim)
         f32 = frames * d * 4 if d else None
         label = meta["dtype"] if meta["kind"] == "float" else f"CI {meta['num_codebooks']}x{meta['dtype']}"
         rows.append({"url": st.url, "kind": meta["kind"], "label": label, "utterances": meta["num_utterances"],
                      "frames": frames, "dim": d, "bytes": nbytes, "bytes_per_frame": nbytes / frames,
+                     "quantizer_bytes": qbytes, "label_bytes": nbytes - qbytes,
+                     "label_bytes_per_frame": (nbytes - qbytes) / frames,
                      "float32_bytes": f32, "ratio_vs_float32": (f32 / nbytes) if f32 and nbytes else None,
+                     "label_ratio_vs_float32": (f32 / (nbytes - qbytes)) if f32 and nbytes > qbytes else None,
                      "shards_complete": len(st.completed_shards()), "shards_total": meta["num_shards"],
                      "same_utterances": meta.get("utterances_sha256") == ref})
     return rows

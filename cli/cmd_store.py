@@ -120,14 +120,20 @@ def compare_cmd(urls, dim, as_json, storage_options):
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    head = f"{'store':<40} {'labels':<14} {'frames':>10} {'bytes':>12} {'B/frame':>10} {'vs float32':>11}"
+    head = (f"{'store':<40} {'labels':<14} {'frames':>10} {'bytes':>12} {'B/frame':>10} {'vs float32':>11} "
+            f"{'quantizer B':>12} {'B/frame w/o q':>13} {'vs f32 w/o q':>12}")
     click.echo(head)
     click.echo("-" * len(head))
     for r in rows:
         ratio = f"{r['ratio_vs_float32']:.1f}x" if r["ratio_vs_float32"] else "n/a"
+        lratio = f"{r['label_ratio_vs_float32']:.1f}x" if r["label_ratio_vs_float32"] else "n/a"
         name = r["url"] if len(r["url"]) <= 40 else "..." + r["url"][-37:]
         click.echo(f"{name:<40} {r['label']:<14} {r['frames']:>10} {r['bytes']:>12} "
-                   f"{r['bytes_per_frame']:>10.3f} {ratio:>11}")
+                   f"{r['bytes_per_frame']:>10.3f} {ratio:>11} {r['quantizer_bytes']:>12} "
+                   f"{r['label_bytes_per_frame']:>13.3f} {lratio:>12}")
+    if any(r["quantizer_bytes"] for r in rows):
+        click.echo("(the quantizer stored inside a CI store is a fixed cost: 'w/o q' columns leave it out, the "
+                   "others include it)")
     if not all(r["same_utterances"] for r in rows):
         click.echo("warning: the stores do not hold the same utterances (ids / frame counts differ)", err=True)
     if any(r["ratio_vs_float32"] is None for r in rows):

@@ -92,6 +92,12 @@ def test_compare_table_and_json(stores):
         assert row["float32_bytes"] == frames * DIM * 4
         assert row["ratio_vs_float32"] == pytest.approx(frames * DIM * 4 / row["bytes"])
     assert rows["ci"]["bytes"] < rows["f16"]["bytes"] < rows["f32"]["bytes"]
+    # the quantizer inside the CI store is counted, and also reported apart as a fixed cost
+    qdir = os.path.join(paths["ci"], "quantizer")
+    qbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(qdir) for f in fs)
+    assert rows["ci"]["quantizer_bytes"] == qbytes > 0 and rows["f16"]["quantizer_bytes"] == 0
+    assert rows["ci"]["label_bytes"] == rows["ci"]["bytes"] - qbytes
+    assert rows["ci"]["label_ratio_vs_float32"] == pytest.approx(frames * DIM * 4 / (rows["ci"]["bytes"] - qbytes))
     r = run("compare", paths["ci"], paths["f32"])
     assert r.exit_code == 0 and "CI 8xuint8" in r.output and "float32" in r.output
 
