@@ -77,6 +77,8 @@ class KDDataset(Dataset):
             self.label_width = store.num_codebooks if store.kind == "codes" else store.dim
             self.codebook_size = store.codebook_size if store.kind == "codes" else None
             self.frame_rate = store.frame_rate
+            if store.kind == "float":
+                self.label_mean, self.label_std = float_label_stats(store, [u.id for u in self.utts])
         self._store = None  # reopened lazily per worker process
 
     @property
@@ -121,9 +123,30 @@ class KDDataset(Dataset):
         labels = mask = None
         if self.labels_url is not None:
             raw = self.store[utt.id]
+            if self.kind == "float":  # standardised per dim, so l1/l2 losses are on a comparable scale
+                raw = (raw.astype(np.float32) - self.label_mean) / self.label_std
             labels, mask = align_labels(raw, student_frames(feats.shape[0], self.subsampling), self.k,
                                         utt_id=utt.id)
         return Example(utt.id, feats, tokens, labels, mask, utt.text or "")
+
+
+def float_label_stats(store, ids: list[str], max_frames: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of float labels over (up to max_frames of) the given utterances, in id order.
+
+    Regression KD targets are standardised with these: raw teacher activations have per-dimension scales that
+    differ by orders of magnitude, which would make l1/l2 losses (and their kd_scale) arbitrary.
+    """
+    total, s1, s2 = 0, None, None
+    for uid in sorted(ids):
+        x = store[uid].astype(np.float64)
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+        total += x.shape[0]
+        if total >= max_frames:
+            break
+    mean = s1 / total
+    std = np.sqrt(np.maximum(s2 / total - mean * mean, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3 * max(float(std.max()), 1e-12)).astype(np.float32)
 
 
 def collate(examples: list[Example]) -> dict:

@@ -70,6 +70,15 @@ def test_items_carry_aligned_labels(stores):
     assert tok.decode(ex.tokens).replace(" ", "") == "".join(ex.text.upper().split()).replace(",", "") or ex.tokens
 
 
+def test_float_labels_are_standardised(stores):
+    utts = stores["utts"]
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=stores["float"])
+    assert ds.kind == "float" and ds.label_width == DIM
+    vals = np.concatenate([ds[i].labels.reshape(-1, 2, DIM)[ds[i].label_mask] for i in range(len(ds))])
+    np.testing.assert_allclose(vals.mean(0), 0.0, atol=1e-3)
+    np.testing.assert_allclose(vals.std(0), 1.0, atol=1e-2)
+
+
 def test_collate_pads_labels_with_ignore(stores):
     utts = stores["utts"]
     ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=stores["codes"])
