@@ -30,6 +30,8 @@ class Sizes:
     num_codebooks: int = 4  # 4 bytes/frame for a 256-dim teacher = 256x less than float32
     sample_utterances: int = 400
     student_epochs: int = 8
+    student_max_seconds: float = 30.0  # audio seconds per batch: small batches = more updates on a small subset
+    student_warmup_steps: int = 50
     student: dict = field(default_factory=lambda: {"d_model": 144, "num_layers": 4, "num_heads": 4})
     kd_runs: tuple = ("none", "mvq", "l2")
     seed: int = 0
@@ -59,7 +61,13 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     """Run (or continue) every step in `workdir`; returns timings, storage and WER results."""
     os.makedirs(workdir, exist_ok=True)
     w = lambda *p: os.path.join(workdir, *p)  # noqa: E731
-    timings: dict[str, float] = {}
+    timings_path = w("timings.json")  # kept across resumed runs: a skipped step keeps the time it took
+    timings: dict[str, float] = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+
+    def save_timings():
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=1)
+
     corpus = w("corpus")
     if not os.path.exists(w("corpus", "cuts_test.jsonl.gz")):
         timings["corpus"] = cli("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours",
@@ -90,10 +98,12 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         base = s3["url"].rstrip("/")
         stores = {k: f"{base}/{os.path.basename(v)}" for k, v in stores.items()}
         so_args = ["--storage-options", json.dumps(s3["storage_options"])]
-    timings["extract"] = cli("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer",
-                             quantizer, "--out", stores["ci"], "--float-labels", stores["float16"], "--dtype",
-                             "float16", "--float-labels", stores["float32"], "--dtype", "float32", "--workers",
-                             str(sizes.workers), *so_args)
+    t_extract = cli("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer",
+                    quantizer, "--out", stores["ci"], "--float-labels", stores["float16"], "--dtype",
+                    "float16", "--float-labels", stores["float32"], "--dtype", "float32", "--workers",
+                    str(sizes.workers), *so_args)
+    timings.setdefault("extract", t_extract)  # a resumed run that skipped finished shards keeps the first time
+    save_timings()
     cli("inspect", stores["ci"], *so_args)
     cli("verify", stores["ci"], *so_args)
     cli("verify", stores["float16"], *so_args)
@@ -103,7 +113,9 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     for kd in sizes.kd_runs:
         run = w("students", kd)
         args = ["train-student", "--train", train_small, "--kd", kd, "--dev", dev, "--out", run, "--epochs",
-                str(sizes.student_epochs), "--seed", str(sizes.seed), "--student", json.dumps(sizes.student),
+                str(sizes.student_epochs), "--seed", str(sizes.seed),
+                "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
+                "--student", json.dumps(sizes.student),
                 "--no-progress"]
         if kd == "mvq":
             args += ["--labels", stores["ci"]]
@@ -122,8 +134,14 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
             r = cli_json("evaluate", run, man, "--json")
             res[split] = {k: r[k] for k in ("wer", "errors", "words")}
         results[kd] = res
-    summary = {"sizes": dataclasses.asdict(sizes), "timings": timings, "storage": storage, "results": results,
-               "stores": stores}
+    with open(teacher + ".train.json") as f:
+        t_sum = json.load(f)
+    last = (t_sum.get("history") or [{}])[-1]
+    teacher_info = {"parameters": t_sum.get("parameters"), "train_hours": t_sum.get("train_hours"),
+                    "steps": t_sum.get("steps"), "dev_cer": last.get("dev_cer"), "dev_wer": last.get("dev_wer"),
+                    "checkpoint_sha256": t_sum.get("checkpoint_sha256")}
+    summary = {"sizes": dataclasses.asdict(sizes), "timings": timings, "teacher": teacher_info, "storage": storage,
+               "results": results, "stores": stores}
     with open(w("summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
