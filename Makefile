@@ -25,8 +25,9 @@ sysdeps:
 test: install sysdeps
 	$(PY) -m pytest -q tests
 
+# `make demo S3_ENDPOINT=http://host:port` writes the label stores to that S3 endpoint instead of local disk.
 demo: install sysdeps
-	$(PY) -m distill.demo --workdir demo_out
+	$(PY) -m distill.demo --workdir demo_out $(if $(S3_ENDPOINT),--s3-endpoint $(S3_ENDPOINT))
 
 bench: install
 	$(PY) bench/codec_vs_reference.py --quick

@@ -1,6 +1,6 @@
 """Extraction scaling benchmark (issue 4): teacher-frames/s of the Dask extraction job with 1 and 2 workers.
 
-    .venv/bin/python bench/extract_scaling.py                       # defaults: ~4-5 min on 2 CPU cores
+    .venv/bin/python bench/extract_scaling.py                       # defaults: ~5-6 min on 2 idle CPU cores
     .venv/bin/python bench/extract_scaling.py --minutes 3 --workers 1,2 --json /tmp/x.json
 
 What runs: a synthetic espeak-ng corpus (distill.corpus.make_corpus), a randomly initialised native teacher of
@@ -22,6 +22,13 @@ Definitions (all printed):
    (end-to-end)        cluster start + model loading + tasks + cluster shutdown: idle worker time counts too.
   cpu/wall             task-thread CPU seconds / task wall seconds: below 1 means the worker was waiting (I/O, or
                        other processes on a shared machine taking the cores).
+  sys/cpu, faults/fr   kernel share of the task threads' CPU time and minor page faults per frame (getrusage).
+Worker malloc environment (--worker-malloc): Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which
+disables glibc's dynamic mmap threshold, so every large temporary (the quantizer's beam-search tables, ~30 MB per
+256-frame block) became a fresh mmap + page faults + munmap; this benchmark measured it at 2.7x slower extraction
+(sys/cpu and faults/frame in the table show it). run_extraction's workers now undo it at model load
+(distill.extract._undo_dask_malloc_trim, mallopt). 'dask' (default) is the shipped job; 'both' also runs with the
+variable removed before the workers start, which should now give the same speed.
 Then an in-process profile (cProfile) of one real run_shard call splits a task's time into stages, and a table of
 quantizer encode speed for other beam/ICM settings shows the cost/quality knob.
 """
@@ -44,23 +51,28 @@ import numpy as np  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- worker-side functions
-def _warm(cfg) -> int:
+def _warm(cfg) -> dict:
     """Load teacher + quantizer into the worker's per-process cache (what the first task would otherwise do)."""
     from distill.extract import _models
 
     _models(cfg)
-    return os.getpid()
+    return {"pid": os.getpid(), "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset")}
 
 
 def _timed_shard(cfg, shard, utts, nested) -> dict:
     """run_shard plus wall-clock start/end (comparable across processes) and the task thread's CPU time."""
+    import resource
+
     from distill.extract import run_shard
 
+    ru0 = resource.getrusage(resource.RUSAGE_THREAD)
     t0, c0 = time.time(), time.thread_time()
     r = run_shard(cfg, shard, utts, nested)
+    ru1 = resource.getrusage(resource.RUSAGE_THREAD)
     return {"shard": shard, "frames": r.frames, "utterances": r.utterances, "failures": len(r.failures),
             "teacher_s": r.seconds_teacher, "run_shard_s": r.seconds_total, "start": t0, "end": time.time(),
-            "cpu_s": time.thread_time() - c0, "pid": os.getpid()}
+            "cpu_s": time.thread_time() - c0, "sys_s": ru1.ru_stime - ru0.ru_stime,
+            "minor_faults": ru1.ru_minflt - ru0.ru_minflt, "pid": os.getpid()}
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -105,8 +117,45 @@ def pick_shard_frames(counts: list[int], workers: int, tasks_per_worker: int) ->
 
 
 # ------------------------------------------------------------------------------------------- one measured run
-def run_once(manifest: str, cfg, workers: int, shard_frames: int) -> dict:
-    from dask.distributed import Client, LocalCluster, as_completed
+WORKER_MALLOC = {
+    "dask": "Dask's default worker environment (nanny pre-spawn-environ sets MALLOC_TRIM_THRESHOLD_=65536), "
+            "which run_extraction's workers undo with mallopt at model load (the shipped job)",
+    "glibc": "MALLOC_TRIM_THRESHOLD_ removed from the nanny's pre-spawn-environ (glibc's default, dynamic "
+             "mmap/trim thresholds, as in a plain Python process)",
+}
+
+
+MALLOC_KEY = "MALLOC_TRIM_THRESHOLD_"
+MALLOC_AT_START = os.environ.get(MALLOC_KEY)  # glibc reads it once, at process start
+
+
+def _start_cluster(workers: int, malloc: str):
+    """LocalCluster as run_extraction makes it, optionally without MALLOC_TRIM_THRESHOLD_ in the workers.
+
+    The nanny copies pre-spawn-environ into *this* process's os.environ before spawning (so every later cluster
+    inherits it even with the config changed); the variable is therefore also removed from os.environ for the
+    spawn, and os.environ is restored afterwards so runs do not depend on their order."""
+    import dask
+    from dask.distributed import LocalCluster
+
+    before = os.environ.get(MALLOC_KEY)
+    over = {}
+    if malloc == "glibc":
+        os.environ.pop(MALLOC_KEY, None)
+        over = {f"distributed.nanny.pre-spawn-environ.{MALLOC_KEY}": None}
+    try:
+        with dask.config.set(over):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                silence_logs=40)
+    finally:
+        if before is None:
+            os.environ.pop(MALLOC_KEY, None)
+        else:
+            os.environ[MALLOC_KEY] = before
+
+
+def run_once(manifest: str, cfg, workers: int, shard_frames: int, malloc: str = "dask") -> dict:
+    from dask.distributed import Client, as_completed
 
     from distill.extract import prepare
 
@@ -115,12 +164,11 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int) -> dict:
     t0 = time.perf_counter()
     plan, tasks = prepare(manifest, cfg, shard_frames=shard_frames)
     t_plan = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=40)
+    cluster = _start_cluster(workers, malloc)
     client = Client(cluster)
     client.wait_for_workers(workers)
     t_cluster = time.perf_counter()
-    pids = client.run(_warm, cfg)
+    warm = client.run(_warm, cfg)
     t_warm = time.perf_counter()
     results = []
     try:
@@ -139,19 +187,20 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int) -> dict:
     busy = sum(r["end"] - r["start"] for r in results)
     teacher = sum(r["teacher_s"] for r in results)
     cpu = sum(r["cpu_s"] for r in results)
+    sys_s = sum(r["sys_s"] for r in results)
     e2e = t_close - t0
     per_worker = {}
     for r in results:
         per_worker.setdefault(r["pid"], []).append(r["shard"])
     return {
-        "workers": workers, "shards": len(tasks), "frames": frames,
+        "workers": workers, "worker_malloc": malloc, "shards": len(tasks), "frames": frames,
         "failures": sum(r["failures"] for r in results),
         "tasks_per_worker": sorted(len(v) for v in per_worker.values()),
-        "worker_pids_warmed": len(pids),
+        "worker_env": sorted({str(v["MALLOC_TRIM_THRESHOLD_"]) for v in warm.values()}),
         "seconds": {"plan": t_plan - t0, "cluster_start": t_cluster - t_plan, "model_load": t_warm - t_cluster,
                     "tasks_dispatch_to_last_result": t_tasks - t_warm, "cluster_close": t_close - t_tasks,
                     "end_to_end": e2e, "steady_window": window, "task_busy_sum": busy, "teacher_sum": teacher,
-                    "task_cpu_sum": cpu},
+                    "task_cpu_sum": cpu, "task_sys_cpu_sum": sys_s},
         "frames_per_s_steady": frames / window,
         "frames_per_s_end_to_end": frames / e2e,
         "outside_teacher_share_steady": 1.0 - teacher / busy,
@@ -159,6 +208,8 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int) -> dict:
         "worker_utilisation_in_window": busy / (workers * window),
         "cpu_over_wall": cpu / busy,
         "cpu_s_per_1k_frames": 1000.0 * cpu / frames,
+        "sys_share_of_cpu": sys_s / cpu if cpu > 0 else float("nan"),
+        "minor_faults_per_frame": sum(r["minor_faults"] for r in results) / frames,
         "teacher_frames_per_s_per_worker": frames / teacher,
     }
 
@@ -253,6 +304,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="profile one task in-process and time encode settings (default on)")
     ap.add_argument("--knob-frames", type=int, default=1024, help="frames per encode-setting measurement")
+    ap.add_argument("--worker-malloc", choices=["dask", "glibc", "both"], default="dask",
+                    help="worker malloc environment: Dask's default (MALLOC_TRIM_THRESHOLD_=65536, undone by "
+                         "the job's workers; default), the variable removed before spawning, or both")
     ap.add_argument("--workdir", default="/tmp/ci-store-bench/extract", help="cache for corpus/models/stores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write all numbers here")
@@ -306,55 +360,66 @@ def main(argv=None) -> dict:
     print(f"setup: {setup_s:.1f} s (corpus {corpus_s:.1f} s, quantizer sample {setup_times['sample_frames_s']:.1f} s"
           f" + train {setup_times['quantizer_train_s']:.1f} s; 0 = reused from {args.workdir})")
 
+    mallocs = ["dask", "glibc"] if args.worker_malloc == "both" else [args.worker_malloc]
+    config["job"]["worker_malloc"] = {m: WORKER_MALLOC[m] for m in mallocs}
     runs = []
-    for w in worker_counts:
-        cfg = ExtractionConfig(teacher=teacher, layer=args.layer, quantizer=qpath,
-                               out=os.path.join(args.workdir, f"store-w{w}"), threads_per_worker=1)
-        la = os.getloadavg()[0]
-        r = run_once(manifest, cfg, w, shard_frames)
-        r["loadavg_1min_before"] = round(la, 2)
-        r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
-        runs.append(r)
-        s = r["seconds"]
-        print(f"\n## {w} worker(s): {r['frames']:,} frames, {r['shards']} shards, tasks per worker "
-              f"{r['tasks_per_worker']}, failures {r['failures']}, load avg {la:.2f} -> {r['loadavg_1min_after']:.2f}")
-        print(f"   plan {s['plan']:.2f} s | cluster start {s['cluster_start']:.2f} s | model load "
-              f"{s['model_load']:.2f} s | tasks {s['tasks_dispatch_to_last_result']:.2f} s | close "
-              f"{s['cluster_close']:.2f} s | end-to-end {s['end_to_end']:.2f} s")
+    for malloc in mallocs:
+        for w in worker_counts:
+            cfg = ExtractionConfig(teacher=teacher, layer=args.layer, quantizer=qpath,
+                                   out=os.path.join(args.workdir, f"store-{malloc}-w{w}"), threads_per_worker=1)
+            la = os.getloadavg()[0]
+            r = run_once(manifest, cfg, w, shard_frames, malloc)
+            r["loadavg_1min_before"] = round(la, 2)
+            r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+            runs.append(r)
+            s = r["seconds"]
+            print(f"\n## {w} worker(s), worker malloc env '{malloc}' (MALLOC_TRIM_THRESHOLD_ in workers: "
+                  f"{', '.join(r['worker_env'])}): {r['frames']:,} frames, {r['shards']} shards, tasks per worker "
+                  f"{r['tasks_per_worker']}, failures {r['failures']}, load avg {la:.2f} -> "
+                  f"{r['loadavg_1min_after']:.2f}")
+            print(f"   plan {s['plan']:.2f} s | cluster start {s['cluster_start']:.2f} s | model load "
+                  f"{s['model_load']:.2f} s | tasks {s['tasks_dispatch_to_last_result']:.2f} s | close "
+                  f"{s['cluster_close']:.2f} s | end-to-end {s['end_to_end']:.2f} s")
 
-    # identical bytes whatever the worker count (a cheap correctness check on what was measured)
-    same = None
-    if len(runs) > 1:
-        dirs = [os.path.join(args.workdir, f"store-w{w}") for w in worker_counts]
-        same = all(_same_tree(dirs[0], d) for d in dirs[1:])
+    # identical bytes whatever the worker count and environment (a cheap correctness check on what was measured)
+    dirs = [os.path.join(args.workdir, f"store-{r['worker_malloc']}-w{r['workers']}") for r in runs]
+    same = all(_same_tree(dirs[0], d) for d in dirs[1:]) if len(dirs) > 1 else None
 
     print("\n## results")
-    headers = ["workers", "steady fr/s", "e2e fr/s", "outside teacher (steady)", "outside teacher (e2e)",
-               "util in window", "cpu/wall", "cpu s/1k fr", "teacher fr/s/worker"]
-    rows = [[r["workers"], r["frames_per_s_steady"], r["frames_per_s_end_to_end"],
+    headers = ["malloc env", "workers", "steady fr/s", "e2e fr/s", "outside teacher (steady)",
+               "outside teacher (e2e)", "util in window", "cpu/wall", "cpu s/1k fr", "sys/cpu", "faults/fr",
+               "teacher fr/s/worker"]
+    rows = [[r["worker_malloc"], r["workers"], r["frames_per_s_steady"], r["frames_per_s_end_to_end"],
              f"{100 * r['outside_teacher_share_steady']:.1f}%", f"{100 * r['outside_teacher_share_end_to_end']:.1f}%",
              f"{100 * r['worker_utilisation_in_window']:.0f}%", f"{r['cpu_over_wall']:.2f}",
-             f"{r['cpu_s_per_1k_frames']:.2f}", r["teacher_frames_per_s_per_worker"]] for r in runs]
+             f"{r['cpu_s_per_1k_frames']:.2f}", f"{100 * r['sys_share_of_cpu']:.0f}%",
+             f"{r['minor_faults_per_frame']:.0f}", r["teacher_frames_per_s_per_worker"]] for r in runs]
     print(table(headers, rows))
     verdict = {}
-    by_w = {r["workers"]: r for r in runs}
-    if 1 in by_w and 2 in by_w:
-        scaling = by_w[2]["frames_per_s_steady"] / by_w[1]["frames_per_s_steady"]
-        cpu_scaling = 2 * by_w[1]["cpu_s_per_1k_frames"] / by_w[2]["cpu_s_per_1k_frames"]
-        verdict["scaling_2_over_1"] = scaling
-        verdict["scaling_goal_met"] = scaling >= 1.8
-        verdict["scaling_if_cores_were_free"] = cpu_scaling
-        print(f"scaling 2 vs 1 worker (steady): {scaling:.2f}x  (goal >= 1.8x: "
-              f"{'MET' if scaling >= 1.8 else 'NOT MET'})")
-        print(f"  CPU cost per frame 1 vs 2 workers gives {cpu_scaling:.2f}x if both cores were free for the "
-              f"workers (2 x cpu/frame(1) / cpu/frame(2)); cpu/wall < 1 means the cores were shared")
-    worst = max(r["outside_teacher_share_steady"] for r in runs)
-    verdict["outside_teacher_share_steady_max"] = worst
-    verdict["outside_teacher_goal_met"] = worst < 0.10
-    print(f"outside-teacher share (steady, worst run): {100 * worst:.1f}%  (goal < 10%: "
-          f"{'MET' if worst < 0.10 else 'NOT MET'})")
+    for malloc in mallocs:
+        by_w = {r["workers"]: r for r in runs if r["worker_malloc"] == malloc}
+        v = verdict[malloc] = {}
+        print(f"[{malloc}] {WORKER_MALLOC[malloc]}")
+        if 1 in by_w and 2 in by_w:
+            scaling = by_w[2]["frames_per_s_steady"] / by_w[1]["frames_per_s_steady"]
+            cpu_scaling = 2 * by_w[1]["cpu_s_per_1k_frames"] / by_w[2]["cpu_s_per_1k_frames"]
+            v.update(scaling_2_over_1=scaling, scaling_goal_met=scaling >= 1.8,
+                     scaling_if_cores_were_free=cpu_scaling)
+            print(f"  scaling 2 vs 1 worker (steady): {scaling:.2f}x  (goal >= 1.8x: "
+                  f"{'MET' if scaling >= 1.8 else 'NOT MET'}); from CPU cost per frame: {cpu_scaling:.2f}x "
+                  f"(2 x cpu/frame(1) / cpu/frame(2): what free cores would give)")
+        worst = max(r["outside_teacher_share_steady"] for r in by_w.values())
+        v.update(outside_teacher_share_steady_max=worst, outside_teacher_goal_met=worst < 0.10)
+        print(f"  outside-teacher share (steady, worst run): {100 * worst:.1f}%  (goal < 10%: "
+              f"{'MET' if worst < 0.10 else 'NOT MET'})")
+    if len(mallocs) == 2:
+        for w in worker_counts:
+            d = {r["worker_malloc"]: r for r in runs if r["workers"] == w}
+            gain = d["glibc"]["frames_per_s_steady"] / d["dask"]["frames_per_s_steady"]
+            verdict.setdefault("glibc_over_dask_speedup", {})[w] = gain
+            print(f"  {w} worker(s): removing MALLOC_TRIM_THRESHOLD_ from the workers is {gain:.2f}x faster")
     if same is not None:
-        print(f"stores identical across worker counts: {same}")
+        print(f"stores identical across all runs: {same}")
 
     prof = knobs = None
     if args.profile:
@@ -362,8 +427,9 @@ def main(argv=None) -> dict:
                                out=os.path.join(args.workdir, "store-profile"), threads_per_worker=1)
         prof = profile_task(manifest, cfg, shard_frames)
         print(f"\n## where a task's time goes (cProfile of run_shard on shard {prof['shard']}: "
-              f"{prof['utterances']} utterances, {prof['frames']:,} frames, {prof['wall_s']:.2f} s, in-process, "
-              f"1 torch thread)")
+              f"{prof['utterances']} utterances, {prof['frames']:,} frames, {prof['wall_s']:.2f} s; in this process: "
+              f"1 torch thread; this process started with MALLOC_TRIM_THRESHOLD_="
+              f"{MALLOC_AT_START or 'unset'})")
         rows = []
         for label, _, _ in STAGES:
             if not label:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -107,6 +108,23 @@ class ExtractionReport:
 _MODELS: dict = {}
 
 
+def _undo_dask_malloc_trim() -> bool:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which freezes glibc's mmap threshold at
+    128 KiB: every large temporary of the quantizer's search (tens of MB per block) becomes a fresh mmap, page
+    faults and munmap. bench/extract_scaling.py measured extraction 2.7x slower for it. Raise the trim and mmap
+    thresholds in this worker (glibc only; works under any scheduler, LocalCluster or jobqueue)."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_trim_threshold, 256 << 20)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        return False
+
+
 def _models(cfg: ExtractionConfig):
     """Load teacher and quantizer once per worker process (not once per task)."""
     import torch
@@ -115,6 +133,8 @@ def _models(cfg: ExtractionConfig):
     from distill.teachers import load_teacher
 
     torch.set_num_threads(cfg.threads_per_worker)
+    if not _MODELS:
+        _undo_dask_malloc_trim()
     key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
     if key not in _MODELS:
         teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,

@@ -222,3 +222,14 @@ def test_extract_to_s3_with_float_labels(corpus, models, s3_bucket):
         np.testing.assert_array_equal(f32[uid].astype(np.float16), fl[uid])
     res = CliRunner().invoke(cli, ["verify", f"{url}/ci.zarr", "--storage-options", json.dumps(opts)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_worker_undoes_dask_malloc_trim_threshold(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_; the worker raises glibc's thresholds (measured 2.7x faster)."""
+    from distill.extract import _undo_dask_malloc_trim
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert _undo_dask_malloc_trim() is False  # a plain process is left alone
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert _undo_dask_malloc_trim() is True
