@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distill.experiment import Sizes, result_table, run_pipeline, storage_table  # noqa: E402
 
-EXPERIMENT = Sizes(hours=1.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
-                   teacher_layers=6, teacher_epochs=4, teacher_layer=4, num_codebooks=4, sample_utterances=400,
+EXPERIMENT = Sizes(hours=3.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
+                   teacher_layers=6, teacher_epochs=5, teacher_layer=4, num_codebooks=4, sample_utterances=400,
                    student_epochs=12, student_max_seconds=30.0, student_warmup_steps=50,
                    kd_runs=("none", "l1", "l2", "mvq"))
 
@@ -71,16 +71,17 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
     fig.savefig(paths["curves"], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.38
     xs = range(len(runs))
-    for i, split in enumerate(("dev", "test")):
-        vals = [100 * summary["results"][kd][split]["wer"] for kd in runs]
-        bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=split)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(list(xs), runs)
-    ax.set(ylabel="WER %", title="student WER by KD method")
-    ax.legend()
+    for ax, key, name in ((axs[0], "wer", "WER"), (axs[1], "cer", "CER")):
+        for i, split in enumerate(("dev", "test")):
+            vals = [100 * summary["results"][kd][split].get(key, float("nan")) for kd in runs]
+            bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=split)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(list(xs), runs)
+        ax.set(ylabel=f"{name} %", title=f"student {name} by KD method")
+        ax.legend()
     fig.tight_layout()
     paths["wer"] = os.path.join(out_dir, "wer_bars.png")
     fig.savefig(paths["wer"], dpi=110)
@@ -138,7 +139,7 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         f"{s['student_max_seconds']} s of audio per batch, warmup {s['student_warmup_steps']} steps, seed {s['seed']}; "
         "KD scale: 0.1 for mvq (icefall's), 1.0 for l1/l2",
         "",
-        "## Student WER",
+        "## Student WER and CER",
         "",
         result_table(summary),
         "",

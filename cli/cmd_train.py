@@ -75,4 +75,5 @@ def evaluate_cmd(run_dir, manifest, max_seconds, as_json):
         click.echo(json.dumps(res))
     else:
         click.echo(f"WER {100 * res['wer']:.2f}% ({res['errors']} errors / {res['words']} words; "
-                   f"sub {res['substitutions']}, del {res['deletions']}, ins {res['insertions']})")
+                   f"sub {res['substitutions']}, del {res['deletions']}, ins {res['insertions']}); "
+                   f"CER {100 * res['cer']:.2f}% ({res['char_errors']} / {res['chars']} characters)")

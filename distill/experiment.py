@@ -132,7 +132,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         res = {"train_seconds": secs}
         for split, man in (("dev", dev), ("test", test)):
             r = cli_json("evaluate", run, man, "--json")
-            res[split] = {k: r[k] for k in ("wer", "errors", "words")}
+            res[split] = {k: r[k] for k in ("wer", "errors", "words", "cer", "char_errors", "chars")}
         results[kd] = res
     with open(teacher + ".train.json") as f:
         t_sum = json.load(f)
@@ -151,15 +151,22 @@ def result_table(summary: dict) -> str:
     """Markdown: WER per run and relative WER reduction vs no KD (test set)."""
     res = summary["results"]
     base = res.get("none")
-    lines = ["| run | labels | dev WER % | test WER % | rel. WER reduction vs no KD (test) | train time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | labels | dev WER % | test WER % | rel. WER reduction vs no KD (test) | dev CER % | test CER % "
+             "| rel. CER reduction vs no KD (test) | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     labels = {"none": "-", "mvq": "CI store", "l1": "float16 store", "l2": "float16 store"}
+
+    def rel(kd, r, key):
+        if not base or kd == "none" or not base["test"].get(key):
+            return "-"
+        return f"{100 * (base['test'][key] - r['test'][key]) / base['test'][key]:+.1f}%"
+
+    def pct(r, split, key):
+        return f"{100 * r[split][key]:.2f}" if key in r[split] else "n/a"
+
     for kd, r in res.items():
-        rel = "-"
-        if base and kd != "none" and base["test"]["wer"] > 0:
-            rel = f"{100 * (base['test']['wer'] - r['test']['wer']) / base['test']['wer']:+.1f}%"
-        lines.append(f"| {kd} | {labels.get(kd, '')} | {100 * r['dev']['wer']:.2f} | {100 * r['test']['wer']:.2f} "
-                     f"| {rel} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {kd} | {labels.get(kd, '')} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
+                     f"| {rel(kd, r, 'wer')} | {pct(r, 'dev', 'cer')} | {pct(r, 'test', 'cer')} "
+                     f"| {rel(kd, r, 'cer')} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -222,7 +222,7 @@ def load_student(run_dir: str):
 def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None, storage_options=None,
                    max_seconds: float = 120.0, return_hyps: bool = False) -> dict:
     """Greedy-decode `utts` and score WER against their texts."""
-    from distill.decode import greedy_search, wer
+    from distill.decode import cer, greedy_search, wer
 
     was_training = model.training
     model.eval()
@@ -236,7 +236,7 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
         ids += batch["ids"]
     if was_training:
         model.train()
-    res = wer(refs, hyps)
+    res = {**wer(refs, hyps), **cer(refs, hyps)}
     if return_hyps:
         res["hyps"] = dict(zip(ids, hyps))
         res["refs"] = dict(zip(ids, refs))

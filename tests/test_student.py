@@ -226,3 +226,13 @@ def test_wer():
     assert wer(["a b c d"], [""])["wer"] == 1.0
     with pytest.raises(ValueError, match="hypotheses"):
         wer(["a"], [])
+
+
+def test_cer():
+    from distill.decode import cer
+
+    r = cer(["the cat", "ab"], ["the bat", "abc"])
+    assert r["char_errors"] == 2 and r["chars"] == 9 and r["cer"] == pytest.approx(2 / 9)
+    assert cer(["a  b"], ["a b"])["char_errors"] == 0
+    with pytest.raises(ValueError, match="hypotheses"):
+        cer(["a"], [])
