@@ -169,9 +169,26 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         f"![curves]({rel['curves']})",
         "",
     ]
+    text = "\n".join(lines)
+    notes = _hand_written_notes(docs)
+    if notes:
+        text += "\n" + notes
     with open(docs, "w") as f:
-        f.write("\n".join(lines))
-    return "\n".join(lines)
+        f.write(text)
+    return text
+
+
+NOTES_HEADING = "## Notes"
+
+
+def _hand_written_notes(docs: str) -> str:
+    """The hand-written '## Notes' section of an existing report (kept on rewrite; it must be re-read by hand)."""
+    if not os.path.exists(docs):
+        return ""
+    with open(docs) as f:
+        old = f.read()
+    i = old.find("\n" + NOTES_HEADING)
+    return old[i + 1:] if i >= 0 else ""
 
 
 def main(argv=None):
