@@ -60,6 +60,10 @@ def cli_json(*args: str) -> dict:
 def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=print) -> dict:
     """Run (or continue) every step in `workdir`; returns timings, storage and WER results."""
     os.makedirs(workdir, exist_ok=True)
+
+    def step(*args: str) -> float:
+        return cli(*args, log=log)
+
     w = lambda *p: os.path.join(workdir, *p)  # noqa: E731
     timings_path = w("timings.json")  # kept across resumed runs: a skipped step keeps the time it took
     timings: dict[str, float] = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
@@ -70,7 +74,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
 
     corpus = w("corpus")
     if not os.path.exists(w("corpus", "cuts_test.jsonl.gz")):
-        timings["corpus"] = cli("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours",
+        timings["corpus"] = step("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours",
                                 str(sizes.student_hours), "--dev-hours", str(sizes.dev_hours), "--test-hours",
                                 str(sizes.test_hours), "--seed", str(sizes.seed), "--workers", str(sizes.workers),
                                 "--overwrite")
@@ -79,18 +83,18 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     teacher = w("teacher", "teacher.safetensors")
     if not os.path.exists(teacher):
         os.makedirs(w("teacher"), exist_ok=True)
-        timings["teacher"] = cli("train-teacher", "--train", train_big, "--dev", dev, "--out", teacher,
+        timings["teacher"] = step("train-teacher", "--train", train_big, "--dev", dev, "--out", teacher,
                                  "--d-model", str(sizes.teacher_d_model), "--layers", str(sizes.teacher_layers),
                                  "--epochs", str(sizes.teacher_epochs), "--seed", str(sizes.seed))
     layer = str(sizes.teacher_layer)
     frames, quantizer = w("quantizer", "frames.npy"), w("quantizer", "quantizer.safetensors")
     os.makedirs(w("quantizer"), exist_ok=True)
     if not os.path.exists(frames):
-        timings["sample_frames"] = cli("sample-frames", train_big, "--teacher", teacher, "--layer", layer,
+        timings["sample_frames"] = step("sample-frames", train_big, "--teacher", teacher, "--layer", layer,
                                        "--out", frames, "--num-utterances", str(sizes.sample_utterances),
                                        "--seed", str(sizes.seed))
     if not os.path.exists(quantizer):
-        timings["train_quantizer"] = cli("train-quantizer", frames, "--num-codebooks", str(sizes.num_codebooks),
+        timings["train_quantizer"] = step("train-quantizer", frames, "--num-codebooks", str(sizes.num_codebooks),
                                          "--out", quantizer, "--seed", str(sizes.seed))
     stores = {"ci": w("labels", "ci.zarr"), "float16": w("labels", "f16.zarr"), "float32": w("labels", "f32.zarr")}
     so_args: list[str] = []
@@ -98,16 +102,16 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         base = s3["url"].rstrip("/")
         stores = {k: f"{base}/{os.path.basename(v)}" for k, v in stores.items()}
         so_args = ["--storage-options", json.dumps(s3["storage_options"])]
-    t_extract = cli("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer",
+    t_extract = step("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer",
                     quantizer, "--out", stores["ci"], "--float-labels", stores["float16"], "--dtype",
                     "float16", "--float-labels", stores["float32"], "--dtype", "float32", "--workers",
                     str(sizes.workers), *so_args)
     timings.setdefault("extract", t_extract)  # a resumed run that skipped finished shards keeps the first time
     save_timings()
-    cli("inspect", stores["ci"], *so_args)
-    cli("verify", stores["ci"], *so_args)
-    cli("verify", stores["float16"], *so_args)
-    cli("compare", stores["ci"], stores["float16"], stores["float32"], *so_args)
+    step("inspect", stores["ci"], *so_args)
+    step("verify", stores["ci"], *so_args)
+    step("verify", stores["float16"], *so_args)
+    step("compare", stores["ci"], stores["float16"], stores["float32"], *so_args)
     storage = cli_json("compare", stores["ci"], stores["float16"], stores["float32"], "--json", *so_args)
     results: dict[str, dict] = {}
     for kd in sizes.kd_runs:
@@ -124,7 +128,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         if kd != "none" and s3:
             args += so_args
         if not os.path.exists(os.path.join(run, "final.json")):
-            dt = cli(*args)
+            dt = step(*args)
             with open(os.path.join(run, "final.json"), "w") as f:
                 json.dump({"seconds": dt}, f)
         with open(os.path.join(run, "final.json")) as f:
