@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from ci_store import ShardPlan, create, open_store, plan_shards
 from distill.audio import AudioError, read_audio
+from distill.malloc_tuning import raise_glibc_thresholds
 from distill.manifest import Utterance, load_manifest, probe_utterance
 
 DEFAULT_SHARD_FRAMES = 1 << 20  # ~5.8 h of 50 Hz frames: few large objects on object storage
@@ -110,19 +110,12 @@ _MODELS: dict = {}
 
 def _undo_dask_malloc_trim() -> bool:
     """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which freezes glibc's mmap threshold at
-    128 KiB: every large temporary of the quantizer's search (tens of MB per block) becomes a fresh mmap, page
-    faults and munmap. bench/extract_scaling.py measured extraction 2.7x slower for it. Raise the trim and mmap
-    thresholds in this worker (glibc only; works under any scheduler, LocalCluster or jobqueue)."""
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+    128 KiB: every large temporary of the quantizer's search becomes a fresh mmap, page faults and munmap.
+    bench/extract_scaling.py measured extraction 2.7x slower for it. Raise the thresholds in this worker
+    (works under any scheduler, LocalCluster or jobqueue); a plain process is left alone."""
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        return bool(libc.mallopt(m_trim_threshold, 256 << 20)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):  # not glibc: nothing to undo
-        return False
+    return raise_glibc_thresholds()
 
 
 def _models(cfg: ExtractionConfig):
