@@ -1,24 +1,12 @@
 """`ci-store sample-frames`, `train-quantizer` and `extract`: populate a CI store from an audio corpus."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from cli.main import main
-
-
-def _json_opt(value: str | None) -> dict:
-    if not value:
-        return {}
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON: {e}") from e
-    if not isinstance(out, dict):
-        raise click.BadParameter("must be a JSON object")
-    return out
+from cli.options import json_object
 
 
 @main.command("sample-frames")
@@ -37,7 +25,7 @@ def sample_frames_cmd(manifest, teacher, layer, out_path, num_utterances, max_fr
     from distill.extract import sample_frames
 
     frames = sample_frames(manifest, teacher, layer, num_utterances=num_utterances, max_frames=max_frames,
-                           seed=seed, storage_options=_json_opt(storage_options) or None)
+                           seed=seed, storage_options=json_object(storage_options, "--storage-options") or None)
     np.save(out_path, frames)
     click.echo(f"wrote {frames.shape[0]} frames x {frames.shape[1]} dims to {out_path}")
 
@@ -103,7 +91,7 @@ def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dt
         raise click.BadParameter(f"give one --dtype, or one per --float-labels ({len(float_labels)})")
     dtypes = list(float_dtype or ["float16"]) * (len(float_labels) if len(float_dtype) <= 1 else 1)
     cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out,
-                           float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=_json_opt(storage_options),
+                           float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=json_object(storage_options, "--storage-options"),
                            batch_frames=batch_frames, threads_per_worker=threads_per_worker)
     try:
         report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,

@@ -7,18 +7,11 @@ import sys
 import click
 
 from cli.main import main
+from cli.options import json_object
 
 
 def _options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        opts = json.loads(text)
-    except ValueError as e:
-        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--storage-options") from None
-    if not isinstance(opts, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
-    return opts
+    return json_object(text, "--storage-options") or None
 
 
 def _open(url: str, options: dict | None):

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from cli.cmd_extract import _json_opt
 from cli.main import main
+from cli.options import json_object
 
 
 @main.command("train-student")
@@ -53,8 +53,8 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
         tok = BPETokenizer.train(texts, bpe, os.path.join(out_dir, "bpe"))
     try:
         summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
-                                student=_json_opt(student_json), tokenizer=tok,
-                                storage_options=_json_opt(storage_options) or None, progress=not no_progress,
+                                student=json_object(student_json, "--student"), tokenizer=tok,
+                                storage_options=json_object(storage_options, "--storage-options") or None, progress=not no_progress,
                                 log=click.echo)
     except (ValueError, KeyError) as e:
         raise click.ClickException(str(e)) from e
