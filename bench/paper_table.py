@@ -4,8 +4,9 @@
     .venv/bin/python bench/paper_table.py --report-only            # rewrite docs from bench_out/paper/summary.json
     .venv/bin/python bench/paper_table.py --hours 10 --student-hours 1 --teacher-epochs 10   # the full-size run
 
-Same student, same labelled subset, four runs: no KD, l1 KD and l2 KD (float16 labels from a float store), MVQ-KD
-(CI labels from the CI store). The teacher is trained on the large split only; the students see only the small
+Same student, same labelled subset, five runs: no KD, l1 KD and l2 KD (float16 labels from a float store), MVQ-KD
+(CI labels from the CI store, 4 B/frame) and MVQ-KD at 2 B/frame ("mvq2": its own quantizer and CI store, the
+rate at which a 256-dim teacher's labels are more than 256x smaller than float32). The teacher is trained on the large split only; the students see only the small
 split. Everything runs through `ci-store` commands (distill/experiment.py prints each one as typed), so the
 numbers in the report come from exactly the code a user runs. Reports WER on dev/test, relative WER reduction
 vs no KD, label storage (CI vs float16/float32, with and without the quantizer kept inside the CI store),
@@ -28,7 +29,7 @@ from distill.experiment import Sizes, result_table, run_pipeline, storage_table 
 EXPERIMENT = Sizes(hours=3.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
                    teacher_layers=6, teacher_epochs=5, teacher_layer=4, num_codebooks=4, sample_utterances=400,
                    student_epochs=12, student_max_seconds=30.0, student_warmup_steps=50,
-                   kd_runs=("none", "l1", "l2", "mvq"))
+                   kd_runs=("none", "l1", "l2", "mvq", "mvq2"))
 
 
 def _read_log(path: str) -> tuple[list[dict], list[dict]]:

@@ -57,6 +57,15 @@ def cli_json(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def mvq_codebooks(kd: str, sizes: Sizes) -> int | None:
+    """Codebooks of an MVQ run: 'mvq' -> sizes.num_codebooks, 'mvq2' -> 2; None for the other runs."""
+    if kd == "mvq":
+        return sizes.num_codebooks
+    if kd.startswith("mvq") and kd[3:].isdigit() and int(kd[3:]) > 0:
+        return int(kd[3:])
+    return None
+
+
 def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=print) -> dict:
     """Run (or continue) every step in `workdir`; returns timings, storage and WER results."""
     os.makedirs(workdir, exist_ok=True)
@@ -108,21 +117,40 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
                     str(sizes.workers), *so_args)
     timings.setdefault("extract", t_extract)  # a resumed run that skipped finished shards keeps the first time
     save_timings()
+    # Extra MVQ runs at another rate ("mvq2": 2 codebooks): own quantizer from the same frames, own CI store.
+    for kd in sizes.kd_runs:
+        n = mvq_codebooks(kd, sizes)
+        if n is None or n == sizes.num_codebooks:
+            continue
+        q_n = w("quantizer", f"quantizer-{n}cb.safetensors")
+        if not os.path.exists(q_n):
+            timings[f"train_quantizer ({kd})"] = step("train-quantizer", frames, "--num-codebooks", str(n),
+                                                      "--out", q_n, "--seed", str(sizes.seed))
+        stores[kd] = (f"{s3['url'].rstrip('/')}/ci-{n}cb.zarr" if s3 else w("labels", f"ci-{n}cb.zarr"))
+        t = step("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer", q_n, "--out",
+                 stores[kd], "--workers", str(sizes.workers), *so_args)
+        timings.setdefault(f"extract ({kd})", t)
+        step("verify", stores[kd], *so_args)
+        save_timings()
     step("inspect", stores["ci"], *so_args)
     step("verify", stores["ci"], *so_args)
     step("verify", stores["float16"], *so_args)
-    step("compare", stores["ci"], stores["float16"], stores["float32"], *so_args)
-    storage = cli_json("compare", stores["ci"], stores["float16"], stores["float32"], "--json", *so_args)
+    compared = [stores["ci"], *(stores[k] for k in sizes.kd_runs if k in stores and k != "ci"),
+                stores["float16"], stores["float32"]]
+    step("compare", *compared, *so_args)
+    storage = cli_json("compare", *compared, "--json", *so_args)
     results: dict[str, dict] = {}
     for kd in sizes.kd_runs:
         run = w("students", kd)
-        args = ["train-student", "--train", train_small, "--kd", kd, "--dev", dev, "--out", run, "--epochs",
+        n = mvq_codebooks(kd, sizes)
+        args = ["train-student", "--train", train_small, "--kd", "mvq" if n else kd, "--dev", dev, "--out", run,
+                "--epochs",
                 str(sizes.student_epochs), "--seed", str(sizes.seed),
                 "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
                 "--student", json.dumps(sizes.student),
                 "--no-progress"]
-        if kd == "mvq":
-            args += ["--labels", stores["ci"]]
+        if n:
+            args += ["--labels", stores.get(kd, stores["ci"])]
         elif kd in ("l1", "l2"):
             args += ["--labels", stores["float16"]]
         if kd != "none" and s3:
@@ -168,7 +196,8 @@ def result_table(summary: dict) -> str:
         return f"{100 * r[split][key]:.2f}" if key in r[split] else "n/a"
 
     for kd, r in res.items():
-        lines.append(f"| {kd} | {labels.get(kd, '')} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
+        label = labels.get(kd) or (f"CI store, {kd[3:]} B/frame" if kd.startswith("mvq") else "")
+        lines.append(f"| {kd} | {label} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
                      f"| {rel(kd, r, 'wer')} | {pct(r, 'dev', 'cer')} | {pct(r, 'test', 'cer')} "
                      f"| {rel(kd, r, 'cer')} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from distill.experiment import Sizes, result_table, run_pipeline, storage_table
 TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, teacher_d_model=64, teacher_layers=2,
              teacher_epochs=1, teacher_layer=2, num_codebooks=2, sample_utterances=10, student_epochs=1,
              student_max_seconds=20.0, student_warmup_steps=2,
-             student={"d_model": 32, "num_layers": 1, "num_heads": 2}, kd_runs=("none", "mvq", "l2"), workers=1)
+             student={"d_model": 32, "num_layers": 1, "num_heads": 2}, kd_runs=("none", "mvq", "l2", "mvq1"), workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def pipeline(tmp_path_factory):
 
 def test_every_step_ran_and_results_are_complete(pipeline):
     work, summary, lines = pipeline
-    assert set(summary["results"]) == {"none", "mvq", "l2"}
+    assert set(summary["results"]) == {"none", "mvq", "l2", "mvq1"}
     for kd, res in summary["results"].items():
         for split in ("dev", "test"):
             r = res[split]
@@ -54,7 +54,14 @@ def test_storage_is_measured_on_the_stores(pipeline):
     assert 8 < ci["label_ratio_vs_float32"] <= 128
     assert ci["label_bytes"] + ci["quantizer_bytes"] == ci["bytes"]
     assert f32["bytes"] > f16["bytes"] > 4 * ci["label_bytes"]
+    # the extra 1-codebook run has its own quantizer and store (on a store this small the 16 KiB shard index
+    # is most of either, so only the order is checked)
+    one = by["CI 1xuint8"]
+    assert one["frames"] == ci["frames"]
+    assert one["label_bytes"] < ci["label_bytes"] and one["quantizer_bytes"] < ci["quantizer_bytes"]
+    assert one["label_ratio_vs_float32"] > ci["label_ratio_vs_float32"]
     assert "| mvq | CI store |" in result_table(summary)
+    assert "| mvq1 | CI store, 1 B/frame |" in result_table(summary)
     assert "CI 2xuint8" in storage_table(summary)
 
 
