@@ -5,12 +5,12 @@
     .venv/bin/python bench/paper_table.py --hours 10 --student-hours 1 --teacher-epochs 10   # the full-size run
 
 Same student, same labelled subset, five runs: no KD, l1 KD and l2 KD (float16 labels from a float store), MVQ-KD
-(CI labels from the CI store, 4 B/frame) and MVQ-KD at 2 B/frame ("mvq2": its own quantizer and CI store, the
-rate at which a 256-dim teacher's labels are more than 256x smaller than float32). The teacher is trained on the large split only; the students see only the small
-split. Everything runs through `ci-store` commands (distill/experiment.py prints each one as typed), so the
-numbers in the report come from exactly the code a user runs. Reports WER on dev/test, relative WER reduction
-vs no KD, label storage (CI vs float16/float32, with and without the quantizer kept inside the CI store),
-extraction time, and plots: training curves, WER bars, storage bars.
+(CI labels from the CI store, 4 B/frame) and MVQ-KD at 2 B/frame ("mvq2": its own quantizer and CI store, the rate
+at which a 256-dim teacher's labels are more than 256x smaller than float32). The teacher is trained on the large
+split only; the students see only the small split. Everything runs through `ci-store` commands
+(distill/experiment.py prints each one as typed), so the numbers in the report come from exactly the code a user
+runs. Reports WER on dev/test, relative WER reduction vs no KD, label storage (CI vs float16/float32, with and
+without the quantizer kept inside the CI store), extraction time, and plots: training curves, WER bars, storage bars.
 """
 from __future__ import annotations
 

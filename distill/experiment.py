@@ -84,37 +84,37 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     corpus = w("corpus")
     if not os.path.exists(w("corpus", "cuts_test.jsonl.gz")):
         timings["corpus"] = step("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours",
-                                str(sizes.student_hours), "--dev-hours", str(sizes.dev_hours), "--test-hours",
-                                str(sizes.test_hours), "--seed", str(sizes.seed), "--workers", str(sizes.workers),
-                                "--overwrite")
+                                 str(sizes.student_hours), "--dev-hours", str(sizes.dev_hours), "--test-hours",
+                                 str(sizes.test_hours), "--seed", str(sizes.seed), "--workers", str(sizes.workers),
+                                 "--overwrite")
     train_big, train_small = w("corpus", "cuts_train.jsonl.gz"), w("corpus", "cuts_train_small.jsonl.gz")
     dev, test = w("corpus", "cuts_dev.jsonl.gz"), w("corpus", "cuts_test.jsonl.gz")
     teacher = w("teacher", "teacher.safetensors")
     if not os.path.exists(teacher):
         os.makedirs(w("teacher"), exist_ok=True)
         timings["teacher"] = step("train-teacher", "--train", train_big, "--dev", dev, "--out", teacher,
-                                 "--d-model", str(sizes.teacher_d_model), "--layers", str(sizes.teacher_layers),
-                                 "--epochs", str(sizes.teacher_epochs), "--seed", str(sizes.seed))
+                                  "--d-model", str(sizes.teacher_d_model), "--layers", str(sizes.teacher_layers),
+                                  "--epochs", str(sizes.teacher_epochs), "--seed", str(sizes.seed))
     layer = str(sizes.teacher_layer)
     frames, quantizer = w("quantizer", "frames.npy"), w("quantizer", "quantizer.safetensors")
     os.makedirs(w("quantizer"), exist_ok=True)
     if not os.path.exists(frames):
         timings["sample_frames"] = step("sample-frames", train_big, "--teacher", teacher, "--layer", layer,
-                                       "--out", frames, "--num-utterances", str(sizes.sample_utterances),
-                                       "--seed", str(sizes.seed))
+                                        "--out", frames, "--num-utterances", str(sizes.sample_utterances),
+                                        "--seed", str(sizes.seed))
     if not os.path.exists(quantizer):
         timings["train_quantizer"] = step("train-quantizer", frames, "--num-codebooks", str(sizes.num_codebooks),
-                                         "--out", quantizer, "--seed", str(sizes.seed))
-    stores = {"ci": w("labels", "ci.zarr"), "float16": w("labels", "f16.zarr"), "float32": w("labels", "f32.zarr")}
-    so_args: list[str] = []
-    if s3:
-        base = s3["url"].rstrip("/")
-        stores = {k: f"{base}/{os.path.basename(v)}" for k, v in stores.items()}
-        so_args = ["--storage-options", json.dumps(s3["storage_options"])]
+                                          "--out", quantizer, "--seed", str(sizes.seed))
+
+    def store_url(name: str) -> str:
+        return f"{s3['url'].rstrip('/')}/{name}" if s3 else w("labels", name)
+
+    stores = {"ci": store_url("ci.zarr"), "float16": store_url("f16.zarr"), "float32": store_url("f32.zarr")}
+    so_args = ["--storage-options", json.dumps(s3["storage_options"])] if s3 else []
     t_extract = step("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer",
-                    quantizer, "--out", stores["ci"], "--float-labels", stores["float16"], "--dtype",
-                    "float16", "--float-labels", stores["float32"], "--dtype", "float32", "--workers",
-                    str(sizes.workers), *so_args)
+                     quantizer, "--out", stores["ci"], "--float-labels", stores["float16"], "--dtype",
+                     "float16", "--float-labels", stores["float32"], "--dtype", "float32", "--workers",
+                     str(sizes.workers), *so_args)
     timings.setdefault("extract", t_extract)  # a resumed run that skipped finished shards keeps the first time
     save_timings()
     # Extra MVQ runs at another rate ("mvq2": 2 codebooks): own quantizer from the same frames, own CI store.
@@ -126,7 +126,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         if not os.path.exists(q_n):
             timings[f"train_quantizer ({kd})"] = step("train-quantizer", frames, "--num-codebooks", str(n),
                                                       "--out", q_n, "--seed", str(sizes.seed))
-        stores[kd] = (f"{s3['url'].rstrip('/')}/ci-{n}cb.zarr" if s3 else w("labels", f"ci-{n}cb.zarr"))
+        stores[kd] = store_url(f"ci-{n}cb.zarr")
         t = step("extract", train_small, "--teacher", teacher, "--layer", layer, "--quantizer", q_n, "--out",
                  stores[kd], "--workers", str(sizes.workers), *so_args)
         timings.setdefault(f"extract ({kd})", t)
@@ -135,7 +135,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     step("inspect", stores["ci"], *so_args)
     step("verify", stores["ci"], *so_args)
     step("verify", stores["float16"], *so_args)
-    compared = [stores["ci"], *(stores[k] for k in sizes.kd_runs if k in stores and k != "ci"),
+    compared = [stores["ci"], *(stores[k] for k in sizes.kd_runs if k in stores),
                 stores["float16"], stores["float32"]]
     step("compare", *compared, *so_args)
     storage = cli_json("compare", *compared, "--json", *so_args)
@@ -144,8 +144,7 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         run = w("students", kd)
         n = mvq_codebooks(kd, sizes)
         args = ["train-student", "--train", train_small, "--kd", "mvq" if n else kd, "--dev", dev, "--out", run,
-                "--epochs",
-                str(sizes.student_epochs), "--seed", str(sizes.seed),
+                "--epochs", str(sizes.student_epochs), "--seed", str(sizes.seed),
                 "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
                 "--student", json.dumps(sizes.student),
                 "--no-progress"]
