@@ -111,7 +111,7 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
 
 
 def report(summary: dict, workdir: str, docs: str, command: str) -> str:
-    img_dir = os.path.join(os.path.dirname(docs), "results")
+    img_dir = os.path.splitext(docs)[0]  # docs/results.md -> docs/results/*.png: one image folder per report
     paths = plots(summary, workdir, img_dir)
     rel = {k: os.path.relpath(v, os.path.dirname(docs)) for k, v in paths.items()}
     s, t, res = summary["sizes"], summary["timings"], summary["results"]
