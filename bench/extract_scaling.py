@@ -23,12 +23,16 @@ Definitions (all printed):
   cpu/wall             task-thread CPU seconds / task wall seconds: below 1 means the worker was waiting (I/O, or
                        other processes on a shared machine taking the cores).
   sys/cpu, faults/fr   kernel share of the task threads' CPU time and minor page faults per frame (getrusage).
-Worker malloc environment (--worker-malloc): Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which
-disables glibc's dynamic mmap threshold, so every large temporary (the quantizer's beam-search tables, ~30 MB per
-256-frame block) became a fresh mmap + page faults + munmap; this benchmark measured it at 2.7x slower extraction
-(sys/cpu and faults/frame in the table show it). run_extraction's workers now undo it at model load
-(distill.extract._undo_dask_malloc_trim, mallopt). 'dask' (default) is the shipped job; 'both' also runs with the
-variable removed before the workers start, which should now give the same speed.
+Variants (--variants; each a LocalCluster as distill.extract.embedded_cluster makes it):
+  shipped        the job as shipped: Dask's profiler off and slow monitoring ticks (distill.extract.LEAN_DASK_CONFIG),
+                 workers undo Dask's MALLOC_TRIM_THRESHOLD_=65536 with mallopt at model load.
+  dask-defaults  Dask's own profiler (10 ms stack sampling) and 20 ms ticks: what `extract --dask-profile` runs.
+  glibc          shipped, with MALLOC_TRIM_THRESHOLD_ removed before the workers start (glibc's dynamic thresholds).
+History: the variable freezes glibc's mmap threshold, so every large temporary of the quantizer search became a
+fresh mmap + page faults + munmap, measured 2.7x slower extraction (sys/cpu and faults/frame in the table show
+it) before the workers undid it.
+Repeats (--repeats): worker counts alternate within each repeat (1, 2, 1, 2, ...), so a drift of the machine's
+speed hits both; the scaling is the median over repeats of the ratio within a repeat, with its range.
 Then an in-process profile (cProfile) of one real run_shard call splits a task's time into stages, and a table of
 quantizer encode speed for other beam/ICM settings shows the cost/quality knob.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import filecmp
+import json
 import math
 import os
 import pstats
@@ -57,6 +62,10 @@ def _warm(cfg) -> dict:
 
     _models(cfg)
     return {"pid": os.getpid(), "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset")}
+
+
+def _worker_timers(dask_worker) -> dict:
+    return {k: pc.callback_time for k, pc in dask_worker.periodic_callbacks.items() if k in ("tick", "profile")}
 
 
 def _timed_shard(cfg, shard, utts, nested) -> dict:
@@ -110,18 +119,26 @@ def build_models(workdir: str, manifest: str, args) -> tuple[str, str, dict]:
     return teacher, qpath, times
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def pick_shard_frames(counts: list[int], workers: int, tasks_per_worker: int) -> int:
-    """Shard size giving about workers x tasks_per_worker tasks (never smaller than the longest utterance)."""
+    """Shard size giving about workers x tasks_per_worker tasks (never smaller than the longest utterance), rounded
+    up to a multiple of 128 frames so the store finds an inner chunk size that tiles it."""
     total = sum(max(1, n) for n in counts)
-    return max(max(counts), math.ceil(total / (workers * tasks_per_worker)))
+    return 128 * math.ceil(max(max(counts), math.ceil(total / (workers * tasks_per_worker))) / 128)
 
 
 # ------------------------------------------------------------------------------------------- one measured run
-WORKER_MALLOC = {
-    "dask": "Dask's default worker environment (nanny pre-spawn-environ sets MALLOC_TRIM_THRESHOLD_=65536), "
-            "which run_extraction's workers undo with mallopt at model load (the shipped job)",
-    "glibc": "MALLOC_TRIM_THRESHOLD_ removed from the nanny's pre-spawn-environ (glibc's default, dynamic "
-             "mmap/trim thresholds, as in a plain Python process)",
+VARIANTS = {
+    "shipped": "the job as shipped: LEAN_DASK_CONFIG (Dask profiler off, 1 s ticks), workers undo Dask's "
+               "MALLOC_TRIM_THRESHOLD_=65536 with mallopt at model load",
+    "dask-defaults": "Dask's statistical profiler (10 ms) and 20 ms ticks kept (extract --dask-profile)",
+    "glibc": "shipped, with MALLOC_TRIM_THRESHOLD_ removed from the nanny's pre-spawn-environ (glibc's default, "
+             "dynamic mmap/trim thresholds, as in a plain Python process)",
 }
 
 
@@ -129,24 +146,24 @@ MALLOC_KEY = "MALLOC_TRIM_THRESHOLD_"
 MALLOC_AT_START = os.environ.get(MALLOC_KEY)  # glibc reads it once, at process start
 
 
-def _start_cluster(workers: int, malloc: str):
-    """LocalCluster as run_extraction makes it, optionally without MALLOC_TRIM_THRESHOLD_ in the workers.
+def _start_cluster(workers: int, variant: str):
+    """The job's embedded cluster (distill.extract.embedded_cluster) in the given variant.
 
-    The nanny copies pre-spawn-environ into *this* process's os.environ before spawning (so every later cluster
-    inherits it even with the config changed); the variable is therefore also removed from os.environ for the
-    spawn, and os.environ is restored afterwards so runs do not depend on their order."""
+    For 'glibc' the nanny copies pre-spawn-environ into *this* process's os.environ before spawning (so every
+    later cluster inherits it even with the config changed); the variable is therefore also removed from
+    os.environ for the spawn, and os.environ is restored afterwards so runs do not depend on their order."""
     import dask
-    from dask.distributed import LocalCluster
+
+    from distill.extract import embedded_cluster
 
     before = os.environ.get(MALLOC_KEY)
     over = {}
-    if malloc == "glibc":
+    if variant == "glibc":
         os.environ.pop(MALLOC_KEY, None)
         over = {f"distributed.nanny.pre-spawn-environ.{MALLOC_KEY}": None}
     try:
         with dask.config.set(over):
-            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                silence_logs=40)
+            return embedded_cluster(workers, profile=variant == "dask-defaults", dashboard=False)
     finally:
         if before is None:
             os.environ.pop(MALLOC_KEY, None)
@@ -154,7 +171,7 @@ def _start_cluster(workers: int, malloc: str):
             os.environ[MALLOC_KEY] = before
 
 
-def run_once(manifest: str, cfg, workers: int, shard_frames: int, malloc: str = "dask") -> dict:
+def run_once(manifest: str, cfg, workers: int, shard_frames: int, variant: str = "shipped") -> dict:
     from dask.distributed import Client, as_completed
 
     from distill.extract import prepare
@@ -164,11 +181,12 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int, malloc: str = 
     t0 = time.perf_counter()
     plan, tasks = prepare(manifest, cfg, shard_frames=shard_frames)
     t_plan = time.perf_counter()
-    cluster = _start_cluster(workers, malloc)
+    cluster = _start_cluster(workers, variant)
     client = Client(cluster)
     client.wait_for_workers(workers)
     t_cluster = time.perf_counter()
     warm = client.run(_warm, cfg)
+    timers = client.run(_worker_timers)
     t_warm = time.perf_counter()
     results = []
     try:
@@ -193,10 +211,11 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int, malloc: str = 
     for r in results:
         per_worker.setdefault(r["pid"], []).append(r["shard"])
     return {
-        "workers": workers, "worker_malloc": malloc, "shards": len(tasks), "frames": frames,
+        "workers": workers, "variant": variant, "shards": len(tasks), "frames": frames,
         "failures": sum(r["failures"] for r in results),
         "tasks_per_worker": sorted(len(v) for v in per_worker.values()),
         "worker_env": sorted({str(v["MALLOC_TRIM_THRESHOLD_"]) for v in warm.values()}),
+        "worker_timers_ms": sorted({json.dumps(v, sort_keys=True) for v in timers.values()}),
         "seconds": {"plan": t_plan - t0, "cluster_start": t_cluster - t_plan, "model_load": t_warm - t_cluster,
                     "tasks_dispatch_to_last_result": t_tasks - t_warm, "cluster_close": t_close - t_tasks,
                     "end_to_end": e2e, "steady_window": window, "task_busy_sum": busy, "teacher_sum": teacher,
@@ -292,7 +311,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="audio in the synthetic corpus (minutes)")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to measure")
-    ap.add_argument("--tasks-per-worker", type=int, default=6, help="shards per worker at the largest count")
+    ap.add_argument("--tasks-per-worker", type=int, default=12, help="shards per worker at the largest count")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=4)
@@ -304,9 +323,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="profile one task in-process and time encode settings (default on)")
     ap.add_argument("--knob-frames", type=int, default=1024, help="frames per encode-setting measurement")
-    ap.add_argument("--worker-malloc", choices=["dask", "glibc", "both"], default="dask",
-                    help="worker malloc environment: Dask's default (MALLOC_TRIM_THRESHOLD_=65536, undone by "
-                         "the job's workers; default), the variable removed before spawning, or both")
+    ap.add_argument("--variants", default="shipped",
+                    help=f"comma-separated cluster variants to measure: {', '.join(VARIANTS)} (see above)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measurements per variant and worker count, worker counts alternating")
     ap.add_argument("--workdir", default="/tmp/ci-store-bench/extract", help="cache for corpus/models/stores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write all numbers here")
@@ -360,64 +380,78 @@ def main(argv=None) -> dict:
     print(f"setup: {setup_s:.1f} s (corpus {corpus_s:.1f} s, quantizer sample {setup_times['sample_frames_s']:.1f} s"
           f" + train {setup_times['quantizer_train_s']:.1f} s; 0 = reused from {args.workdir})")
 
-    mallocs = ["dask", "glibc"] if args.worker_malloc == "both" else [args.worker_malloc]
-    config["job"]["worker_malloc"] = {m: WORKER_MALLOC[m] for m in mallocs}
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    config["job"]["variants"] = {v: VARIANTS[v] for v in variants}
+    config["job"]["repeats"] = args.repeats
     runs = []
-    for malloc in mallocs:
-        for w in worker_counts:
-            cfg = ExtractionConfig(teacher=teacher, layer=args.layer, quantizer=qpath,
-                                   out=os.path.join(args.workdir, f"store-{malloc}-w{w}"), threads_per_worker=1)
-            la = os.getloadavg()[0]
-            r = run_once(manifest, cfg, w, shard_frames, malloc)
-            r["loadavg_1min_before"] = round(la, 2)
-            r["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
-            runs.append(r)
-            s = r["seconds"]
-            print(f"\n## {w} worker(s), worker malloc env '{malloc}' (MALLOC_TRIM_THRESHOLD_ in workers: "
-                  f"{', '.join(r['worker_env'])}): {r['frames']:,} frames, {r['shards']} shards, tasks per worker "
-                  f"{r['tasks_per_worker']}, failures {r['failures']}, load avg {la:.2f} -> "
-                  f"{r['loadavg_1min_after']:.2f}")
-            print(f"   plan {s['plan']:.2f} s | cluster start {s['cluster_start']:.2f} s | model load "
-                  f"{s['model_load']:.2f} s | tasks {s['tasks_dispatch_to_last_result']:.2f} s | close "
-                  f"{s['cluster_close']:.2f} s | end-to-end {s['end_to_end']:.2f} s")
+    for rep in range(args.repeats):
+        for variant in variants:
+            for w in worker_counts:
+                cfg = ExtractionConfig(teacher=teacher, layer=args.layer, quantizer=qpath,
+                                       out=os.path.join(args.workdir, f"store-{variant}-w{w}-r{rep}"),
+                                       threads_per_worker=1)
+                la = os.getloadavg()[0]
+                r = run_once(manifest, cfg, w, shard_frames, variant)
+                r.update(repeat=rep, store=cfg.out, loadavg_1min_before=round(la, 2),
+                         loadavg_1min_after=round(os.getloadavg()[0], 2))
+                runs.append(r)
+                s = r["seconds"]
+                print(f"\n## repeat {rep + 1}/{args.repeats}, '{variant}', {w} worker(s): {r['frames']:,} frames, "
+                      f"{r['shards']} shards, tasks per worker {r['tasks_per_worker']}, failures {r['failures']}, "
+                      f"load avg {la:.2f} -> {r['loadavg_1min_after']:.2f}; workers' MALLOC_TRIM_THRESHOLD_ "
+                      f"{', '.join(r['worker_env'])}, timers (ms) {', '.join(r['worker_timers_ms'])}")
+                print(f"   plan {s['plan']:.2f} s | cluster start {s['cluster_start']:.2f} s | model load "
+                      f"{s['model_load']:.2f} s | tasks {s['tasks_dispatch_to_last_result']:.2f} s | close "
+                      f"{s['cluster_close']:.2f} s | end-to-end {s['end_to_end']:.2f} s")
 
-    # identical bytes whatever the worker count and environment (a cheap correctness check on what was measured)
-    dirs = [os.path.join(args.workdir, f"store-{r['worker_malloc']}-w{r['workers']}") for r in runs]
+    # identical bytes whatever the worker count, variant and repeat (a cheap correctness check on what was measured)
+    dirs = [r["store"] for r in runs]
     same = all(_same_tree(dirs[0], d) for d in dirs[1:]) if len(dirs) > 1 else None
+    for d in dirs[1:]:
+        shutil.rmtree(d, ignore_errors=True)
 
     print("\n## results")
-    headers = ["malloc env", "workers", "steady fr/s", "e2e fr/s", "outside teacher (steady)",
+    headers = ["variant", "repeat", "workers", "steady fr/s", "e2e fr/s", "outside teacher (steady)",
                "outside teacher (e2e)", "util in window", "cpu/wall", "cpu s/1k fr", "sys/cpu", "faults/fr",
                "teacher fr/s/worker"]
-    rows = [[r["worker_malloc"], r["workers"], r["frames_per_s_steady"], r["frames_per_s_end_to_end"],
+    rows = [[r["variant"], r["repeat"] + 1, r["workers"], r["frames_per_s_steady"], r["frames_per_s_end_to_end"],
              f"{100 * r['outside_teacher_share_steady']:.1f}%", f"{100 * r['outside_teacher_share_end_to_end']:.1f}%",
              f"{100 * r['worker_utilisation_in_window']:.0f}%", f"{r['cpu_over_wall']:.2f}",
              f"{r['cpu_s_per_1k_frames']:.2f}", f"{100 * r['sys_share_of_cpu']:.0f}%",
              f"{r['minor_faults_per_frame']:.0f}", r["teacher_frames_per_s_per_worker"]] for r in runs]
     print(table(headers, rows))
     verdict = {}
-    for malloc in mallocs:
-        by_w = {r["workers"]: r for r in runs if r["worker_malloc"] == malloc}
-        v = verdict[malloc] = {}
-        print(f"[{malloc}] {WORKER_MALLOC[malloc]}")
-        if 1 in by_w and 2 in by_w:
-            scaling = by_w[2]["frames_per_s_steady"] / by_w[1]["frames_per_s_steady"]
-            cpu_scaling = 2 * by_w[1]["cpu_s_per_1k_frames"] / by_w[2]["cpu_s_per_1k_frames"]
-            v.update(scaling_2_over_1=scaling, scaling_goal_met=scaling >= 1.8,
-                     scaling_if_cores_were_free=cpu_scaling)
-            print(f"  scaling 2 vs 1 worker (steady): {scaling:.2f}x  (goal >= 1.8x: "
-                  f"{'MET' if scaling >= 1.8 else 'NOT MET'}); from CPU cost per frame: {cpu_scaling:.2f}x "
-                  f"(2 x cpu/frame(1) / cpu/frame(2): what free cores would give)")
-        worst = max(r["outside_teacher_share_steady"] for r in by_w.values())
+    for variant in variants:
+        mine = [r for r in runs if r["variant"] == variant]
+        v = verdict[variant] = {}
+        print(f"[{variant}] {VARIANTS[variant]}")
+        if 1 in worker_counts and 2 in worker_counts:
+            pairs = [({r["workers"]: r for r in mine if r["repeat"] == rep}) for rep in range(args.repeats)]
+            ratios = sorted(p[2]["frames_per_s_steady"] / p[1]["frames_per_s_steady"] for p in pairs)
+            cpu_ratios = sorted(2 * p[1]["cpu_s_per_1k_frames"] / p[2]["cpu_s_per_1k_frames"] for p in pairs)
+            scaling = _median(ratios)
+            v.update(scaling_2_over_1=scaling, scaling_per_repeat=ratios, scaling_goal_met=scaling >= 1.8,
+                     scaling_if_cores_were_free=_median(cpu_ratios))
+            print(f"  scaling 2 vs 1 worker (steady, median of {len(ratios)}): {scaling:.2f}x, range "
+                  f"{ratios[0]:.2f}-{ratios[-1]:.2f}  (goal >= 1.8x: {'MET' if scaling >= 1.8 else 'NOT MET'}); "
+                  f"from CPU cost per frame: {_median(cpu_ratios):.2f}x (2 x cpu/frame(1) / cpu/frame(2): what "
+                  f"free cores would give)")
+        for w in worker_counts:
+            rates = sorted(r["frames_per_s_steady"] for r in mine if r["workers"] == w)
+            v.setdefault("frames_per_s_steady_median", {})[w] = _median(rates)
+        worst = max(r["outside_teacher_share_steady"] for r in mine)
         v.update(outside_teacher_share_steady_max=worst, outside_teacher_goal_met=worst < 0.10)
         print(f"  outside-teacher share (steady, worst run): {100 * worst:.1f}%  (goal < 10%: "
               f"{'MET' if worst < 0.10 else 'NOT MET'})")
-    if len(mallocs) == 2:
+    for variant in variants[1:]:
         for w in worker_counts:
-            d = {r["worker_malloc"]: r for r in runs if r["workers"] == w}
-            gain = d["glibc"]["frames_per_s_steady"] / d["dask"]["frames_per_s_steady"]
-            verdict.setdefault("glibc_over_dask_speedup", {})[w] = gain
-            print(f"  {w} worker(s): removing MALLOC_TRIM_THRESHOLD_ from the workers is {gain:.2f}x faster")
+            gain = (verdict[variant]["frames_per_s_steady_median"][w]
+                    / verdict[variants[0]]["frames_per_s_steady_median"][w])
+            verdict[variant].setdefault(f"speed_vs_{variants[0]}", {})[w] = gain
+            print(f"  {w} worker(s): '{variant}' runs at {gain:.2f}x the speed of '{variants[0]}' (medians)")
     if same is not None:
         print(f"stores identical across all runs: {same}")
 

@@ -81,9 +81,12 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
 @click.option("--batch-frames", default=20000, show_default=True, help="Frames per quantizer encode call.")
 @click.option("--storage-options", default=None, help="JSON dict for fsspec (endpoint, credentials, caching).")
 @click.option("--retries", default=2, show_default=True, help="Dask retries per shard task.")
+@click.option("--dask-profile", is_flag=True,
+              help="Keep Dask's statistical profiler and fast monitoring ticks in the embedded cluster (the "
+                   "dashboard's Profile page); off by default for throughput.")
 @click.option("--no-progress", is_flag=True)
 def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dtype, workers, threads_per_worker,
-                scheduler, shard_frames, batch_frames, storage_options, retries, no_progress):
+                scheduler, shard_frames, batch_frames, storage_options, retries, dask_profile, no_progress):
     """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
     from distill.extract import DEFAULT_SHARD_FRAMES, ExtractionConfig, ExtractionError, run_extraction
 
@@ -96,7 +99,7 @@ def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dt
     try:
         report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,
                                 shard_frames=shard_frames or DEFAULT_SHARD_FRAMES, progress=not no_progress,
-                                retries=retries, log=click.echo)
+                                retries=retries, dask_profile=dask_profile, log=click.echo)
     except ExtractionError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())

@@ -348,11 +348,34 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     return plan, tasks
 
 
+# Dask settings of the embedded cluster: throughput over live introspection. Dask's statistical profiler wakes
+# every 10 ms in each worker to sample the task thread's stack, and every server ticks its event loop every 20 ms
+# and polls system metrics every 0.5 s; on 2 cores that cost ~1.1 CPU-seconds per ~10 s of extraction with 2
+# workers (~5% of the machine; bench/extract_scaling.py --variants shipped,dask-defaults). Only the dashboard's
+# Profile page and the refresh rate of its system plots are lost; `profile=True` (`--dask-profile`) keeps Dask's
+# defaults. Workers of an existing scheduler keep their own settings (docs/cluster.md).
+LEAN_DASK_CONFIG = {"distributed.worker.profile.enabled": False,
+                    "distributed.admin.tick.interval": "1s",
+                    "distributed.admin.system-monitor.interval": "5s"}
+
+
+def embedded_cluster(workers: int, *, profile: bool = False, dashboard: bool | None = None):
+    """The job's LocalCluster: `workers` single-threaded processes, LEAN_DASK_CONFIG unless `profile`."""
+    import dask
+    from dask.distributed import LocalCluster
+
+    dashboard = _has_bokeh() if dashboard is None else dashboard
+    with dask.config.set({} if profile else LEAN_DASK_CONFIG):  # nannies pass this config to their workers
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                            dashboard_address=":0" if dashboard else None, silence_logs=40)
+
+
 def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, scheduler: str | None = None,
                    shard_frames: int = DEFAULT_SHARD_FRAMES, float_shard_frames: int | None = None,
-                   progress: bool = True, retries: int = 2, log=print) -> ExtractionReport:
+                   progress: bool = True, retries: int = 2, dask_profile: bool = False,
+                   log=print) -> ExtractionReport:
     """Run the whole job on Dask (embedded LocalCluster unless `scheduler` names a running one)."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -369,9 +392,7 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, schedul
         if scheduler:
             client = Client(scheduler)
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0" if _has_bokeh() else None,
-                                   silence_logs=40)
+            cluster = embedded_cluster(workers, profile=dask_profile)
             client = Client(cluster)
         try:
             if _has_bokeh() and client.dashboard_link:

@@ -233,3 +233,33 @@ def test_worker_undoes_dask_malloc_trim_threshold(monkeypatch):
     assert _undo_dask_malloc_trim() is False  # a plain process is left alone
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     assert _undo_dask_malloc_trim() is True
+
+
+
+def _timers(dask_worker=None, dask_scheduler=None) -> dict:
+    """The server's periodic callbacks (ms): what it actually runs, whatever the config says now."""
+    server = dask_worker or dask_scheduler
+    return {k: pc.callback_time for k, pc in server.periodic_callbacks.items() if k in ("tick", "monitor", "profile")}
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_embedded_cluster_workers_skip_the_profiler_unless_asked(profile):
+    """The job's own cluster turns off Dask's 10 ms stack sampler and 20 ms ticks (~5% of 2 cores, measured)."""
+    from dask.distributed import Client
+
+    from distill.extract import embedded_cluster
+
+    cluster = embedded_cluster(2, profile=profile, dashboard=False)
+    try:
+        with Client(cluster) as client:
+            workers = list(client.run(_timers).values())
+            scheduler = client.run_on_scheduler(_timers)
+    finally:
+        cluster.close()
+    assert len(workers) == 2
+    if profile:  # Dask's defaults
+        assert all(w == {"tick": 20, "monitor": 500, "profile": 10} for w in workers), workers
+        assert scheduler["tick"] == 20
+    else:
+        assert all(w == {"tick": 1000, "monitor": 5000} for w in workers), workers
+        assert scheduler["tick"] == 1000

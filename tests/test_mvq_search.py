@@ -26,13 +26,13 @@ def plain_search(z: torch.Tensor, codebooks: torch.Tensor, beam: int, sweeps: in
         cand = cost.unsqueeze(-1) + u[:, m, :].unsqueeze(1) + acc[:, :K].reshape(B, W, K)
         cost, flat_idx = torch.topk(cand.reshape(B, W * K), W, dim=1, largest=False, sorted=True)
         parent = flat_idx // K
-        src = (torch.arange(B).unsqueeze(1) * W + parent).reshape(-1)
+        src = (torch.arange(B, device=z.device).unsqueeze(1) * W + parent).reshape(-1)
         kk = (flat_idx - parent * K).reshape(-1)
         codes = torch.cat([codes[src], kk.reshape(-1, 1)], dim=1)
         acc = acc[src][:, K:] + cross[kk + m * K][:, (m + 1) * K:]
     codes = codes.view(B, W, M)[:, 0, :].clone()
     # ICM: every step updates the pairwise sums of all columns
-    s = cross[(codes + torch.arange(M) * K).reshape(-1)].view(B, M, M * K).sum(1)
+    s = cross[(codes + torch.arange(M, device=z.device) * K).reshape(-1)].view(B, M, M * K).sum(1)
     for _ in range(sweeps):
         for m in range(M):
             old = codes[:, m] + m * K
@@ -56,6 +56,17 @@ def test_search_gives_the_plain_search_codes(M, K, r, beam, sweeps):
     want = plain_search(z, codebooks, beam, sweeps)
     assert got.shape == (203, M) and got.dtype == torch.int64
     assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_on_cuda_gives_the_plain_search_codes():
+    """On an accelerator the block is searched in one piece; same arithmetic as the plain search there too."""
+    g = torch.Generator().manual_seed(3)
+    codebooks = torch.randn((16, 256, 32), generator=g).cuda() / 4
+    z = torch.randn((256, 32), generator=g).cuda()
+    got = S.search_block(z, S.SearchTables(codebooks), 8, 1)
+    want = plain_search(z, codebooks, 8, 1)
+    assert got.is_cuda and torch.equal(got, want)
 
 
 def test_chunking_never_changes_a_code(monkeypatch):
