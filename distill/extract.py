@@ -343,17 +343,20 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
         raise ExtractionError(str(e)) from e
     by_id = {u.id: u for u in utts}
     tasks = []
-    for sh in plan.shards:
+    # largest shards first: Dask runs tasks roughly in submission order, so the last to finish are the smallest
+    # and workers idle less at the end (a shard's bytes never depend on the order)
+    for sh in sorted(plan.shards, key=lambda sh: (-sh.size, sh.index)):
         tasks.append((sh.index, [by_id[u] for u in sh.utt_ids], nested[sh.index] if nested else None))
     return plan, tasks
 
 
 # Dask settings of the embedded cluster: throughput over live introspection. Dask's statistical profiler wakes
 # every 10 ms in each worker to sample the task thread's stack, and every server ticks its event loop every 20 ms
-# and polls system metrics every 0.5 s; on 2 cores that cost ~1.1 CPU-seconds per ~10 s of extraction with 2
-# workers (~5% of the machine; bench/extract_scaling.py --variants shipped,dask-defaults). Only the dashboard's
-# Profile page and the refresh rate of its system plots are lost; `profile=True` (`--dask-profile`) keeps Dask's
-# defaults. Workers of an existing scheduler keep their own settings (docs/cluster.md).
+# and polls system metrics every 0.5 s; on 2 cores with 2 workers that cost ~2 CPU-seconds per 12 s run against
+# ~0.6 with these settings (the task threads got 0.89 vs 0.95 of the wall clock; bench/extract_scaling.py
+# --variants shipped,dask-defaults). Only the dashboard's Profile page and the refresh rate of its system plots
+# are lost; `profile=True` (`--dask-profile`) keeps Dask's defaults. Workers of an existing scheduler keep their
+# own settings (docs/cluster.md).
 LEAN_DASK_CONFIG = {"distributed.worker.profile.enabled": False,
                     "distributed.admin.tick.interval": "1s",
                     "distributed.admin.system-monitor.interval": "5s"}
