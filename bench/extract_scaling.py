@@ -34,7 +34,8 @@ it) before the workers undid it.
 Machine ceiling (--ceiling, on by default): a one-thread GEMM loop alone vs two at once, no Dask: the most two
 workers can scale on this machine (two vCPUs that share a core or a memory bus give well below 2).
 Repeats (--repeats): worker counts alternate within each repeat (1, 2, 1, 2, ...), so a drift of the machine's
-speed hits both; the scaling is the median over repeats of the ratio within a repeat, with its range.
+speed hits both; the scaling is given as the median over repeats of the ratio within a repeat (with its range)
+and as the ratio of the median rates.
 Then an in-process profile (cProfile) of one real run_shard call splits a task's time into stages, and a table of
 quantizer encode speed for other beam/ICM settings shows the cost/quality knob.
 """
@@ -413,7 +414,6 @@ def main(argv=None) -> dict:
     print(f"setup: {setup_s:.1f} s (corpus {corpus_s:.1f} s, quantizer sample {setup_times['sample_frames_s']:.1f} s"
           f" + train {setup_times['quantizer_train_s']:.1f} s; 0 = reused from {args.workdir})")
 
-    ceiling = None
     if args.ceiling:
         ceiling = machine_ceiling()
         config["machine_ceiling"] = ceiling
@@ -467,15 +467,15 @@ def main(argv=None) -> dict:
     verdict = {}
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
-        v = verdict[variant] = {}
+        v = verdict[variant] = {"frames_per_s_steady_median": {
+            w: _median([r["frames_per_s_steady"] for r in mine if r["workers"] == w]) for w in worker_counts}}
         print(f"[{variant}] {VARIANTS[variant]}")
         if 1 in worker_counts and 2 in worker_counts:
             pairs = [({r["workers"]: r for r in mine if r["repeat"] == rep}) for rep in range(args.repeats)]
             ratios = sorted(p[2]["frames_per_s_steady"] / p[1]["frames_per_s_steady"] for p in pairs)
             cpu_ratios = sorted(2 * p[1]["cpu_s_per_1k_frames"] / p[2]["cpu_s_per_1k_frames"] for p in pairs)
             scaling = _median(ratios)
-            of_medians = (_median([p[2]["frames_per_s_steady"] for p in pairs])
-                          / _median([p[1]["frames_per_s_steady"] for p in pairs]))
+            of_medians = v["frames_per_s_steady_median"][2] / v["frames_per_s_steady_median"][1]
             v.update(scaling_2_over_1=scaling, scaling_per_repeat=ratios, scaling_goal_met=scaling >= 1.8,
                      scaling_ratio_of_medians=of_medians, scaling_if_cores_were_free=_median(cpu_ratios))
             print(f"  scaling 2 vs 1 worker (steady), median of the {len(ratios)} per-repeat ratios: {scaling:.2f}x, "
@@ -483,9 +483,6 @@ def main(argv=None) -> dict:
                   f"ratio of the median rates: {of_medians:.2f}x ({'MET' if of_medians >= 1.8 else 'NOT MET'}); "
                   f"from CPU cost per frame: {_median(cpu_ratios):.2f}x (2 x cpu/frame(1) / cpu/frame(2): what "
                   f"free cores would give)")
-        for w in worker_counts:
-            rates = sorted(r["frames_per_s_steady"] for r in mine if r["workers"] == w)
-            v.setdefault("frames_per_s_steady_median", {})[w] = _median(rates)
         worst = max(r["outside_teacher_share_steady"] for r in mine)
         v.update(outside_teacher_share_steady_max=worst, outside_teacher_goal_met=worst < 0.10)
         print(f"  outside-teacher share (steady, worst run): {100 * worst:.1f}%  (goal < 10%: "

@@ -235,8 +235,6 @@ def test_worker_undoes_dask_malloc_trim_threshold(monkeypatch):
     assert _undo_dask_malloc_trim() is True
 
 
-
-
 def test_tasks_come_largest_shard_first(corpus, models, tmp_path):
     """A shorter tail: the smallest shards are the last ones a worker picks up."""
     from distill.extract import prepare
