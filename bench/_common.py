@@ -81,7 +81,7 @@ def start_moto():
 def cached_corpus(out_dir: str, minutes: float, seed: int) -> tuple[str, float]:
     """A synthetic espeak-ng train split of `minutes` of audio (no dev/test), reused if already made with the same
     arguments. Returns (manifest path, seconds spent generating it now; 0.0 when reused)."""
-    from distill.corpus import make_corpus
+    from distill.synth.corpus import make_corpus
 
     stamp = os.path.join(out_dir, "bench_args.json")
     args = {"minutes": minutes, "seed": seed}

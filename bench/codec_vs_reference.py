@@ -1,4 +1,4 @@
-"""Our MVQ codec (distill.mvq) vs the reference `multi-quantization==0.1.1` (k2-fsa / icefall), one process, same data.
+"""Our MVQ codec (distill.codec.quantizer) vs the reference `multi-quantization==0.1.1` (k2-fsa / icefall), one process, same data.
 
     .venv/bin/python bench/codec_vs_reference.py --json bench_out/codec_vs_reference.json   # docs/codec.md's table
     .venv/bin/python bench/codec_vs_reference.py --quick                  # plumbing check (make bench), ~5 min
@@ -30,7 +30,6 @@ which is printed at start and after each config.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -53,7 +52,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 from _common import load_line, machine_state, table, write_json  # noqa: E402
-from distill.mvq import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error  # noqa: E402
+from distill.codec.quantizer import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error  # noqa: E402
 
 REF_BATCH = 512                 # minibatch size of icefall's quantizer training (and what the reference was tuned on)
 REF_DEFAULT_ITERS = 10000       # QuantizerTrainer's default phase_one_iters = phase_two_iters
@@ -261,7 +260,7 @@ def main(argv=None) -> dict:
     for dim, nb in configs:
         if nb not in (1, 2, 4, 8, 16, 32):
             raise SystemExit(f"--dims {dim}:{nb}: the reference supports 1, 2, 4, 8, 16 or 32 bytes per frame")
-    print(f"# codec benchmark: ours (distill.mvq) vs multi-quantization {getattr(mq, '__version__', '0.1.1')}; "
+    print(f"# codec benchmark: ours (distill.codec.quantizer) vs multi-quantization {getattr(mq, '__version__', '0.1.1')}; "
           f"torch {torch.__version__}, {a.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
           f"{load_line()} at start; {time.strftime('%F %T')}")
     print(f"# data: {a.make_embeddings}, n_train {a.n_train:,}, n_test {a.n_test:,} held out; seed {a.seed}",

@@ -3,7 +3,7 @@
     .venv/bin/python bench/extract_scaling.py                       # defaults: ~6 min on 2 idle CPU cores
     .venv/bin/python bench/extract_scaling.py --variants shipped,dask-defaults --json /tmp/x.json   # ~9 min
 
-What runs: a synthetic espeak-ng corpus (distill.corpus.make_corpus), a randomly initialised native teacher of
+What runs: a synthetic espeak-ng corpus (distill.synth.corpus.make_corpus), a randomly initialised native teacher of
 realistic-but-small size (d_model 256, 6 layers, ffn 1024; embeddings of its last layer) and an MVQ quantizer
 (16 x 256 codebooks, production encode settings: beam 8 + 1 ICM sweep) trained on its frames with a short
 training schedule (training settings do not change encode cost). Per worker count, the job's own code path:
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 # ------------------------------------------------------------------------------------------- worker-side functions
 def _warm(cfg) -> dict:
     """Load teacher + quantizer into the worker's per-process cache (what the first task would otherwise do)."""
-    from distill.extract import _models
+    from distill.extract.job import _models
 
     _models(cfg)
     return {"pid": os.getpid(), "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset")}
@@ -93,7 +93,7 @@ def build_models(workdir: str, manifest: str, args) -> tuple[str, str, dict]:
     import torch
 
     from distill.extract import sample_frames
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
     from distill.teachers import NativeTeacherConfig, NativeTeacherModel, save_native_teacher
 
     tag = f"d{args.d_model}-L{args.layers}-h{args.heads}-f{args.ffn}-s{args.seed}"
@@ -269,12 +269,12 @@ def run_once(manifest: str, cfg, workers: int, shard_frames: int, variant: str =
 STAGES = [  # (label, file suffix, function name): cumulative time inside run_shard
     ("open stores + completion checks", "ci_store/store.py", "open_store"),
     ("", "ci_store/store.py", "is_shard_complete"),
-    ("audio read (decode + resample)", "distill/audio.py", "read_audio"),
-    ("teacher forward", "distill/extract.py", "embed_utterance"),
-    ("quantizer encode", "distill/mvq.py", "encode"),
-    ("  of which: unary GEMM", "distill/mvq_search.py", "unary_terms"),
-    ("  of which: beam search", "distill/mvq_search.py", "beam_search"),
-    ("  of which: ICM sweeps", "distill/mvq_search.py", "icm"),
+    ("audio read (decode + resample)", "distill/data/audio.py", "read_audio"),
+    ("teacher forward", "distill/extract/", "embed_utterance"),
+    ("quantizer encode", "distill/codec/quantizer.py", "encode"),
+    ("  of which: unary GEMM", "distill/codec/search.py", "unary_terms"),
+    ("  of which: beam search", "distill/codec/search.py", "beam_search"),
+    ("  of which: ICM sweeps", "distill/codec/search.py", "icm"),
     ("shard write (encode, checksum, upload, record)", "ci_store/store.py", "write_shard"),
 ]
 
@@ -283,7 +283,8 @@ def profile_task(manifest: str, cfg, shard_frames: int) -> dict:
     """cProfile one real run_shard call in this process (1 torch thread, models preloaded) and split its time."""
     import torch
 
-    from distill.extract import _models, prepare, run_shard
+    from distill.extract import prepare, run_shard
+    from distill.extract.job import _models
 
     torch.set_num_threads(cfg.threads_per_worker)
     if os.path.exists(cfg.out):
@@ -315,7 +316,7 @@ def encode_knobs(qpath: str, frames: np.ndarray, threads: int) -> list[dict]:
     """Encode speed and quality of the trained codebooks under other beam / ICM settings (same codebooks)."""
     import torch
 
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
 
     torch.set_num_threads(threads)
     base = MultiCodebookQuantizer.load(qpath)
@@ -370,7 +371,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
 
     from distill.extract import ExtractionConfig, frame_counts
-    from distill.manifest import load_manifest
+    from distill.data.manifest import load_manifest
     from distill.teachers import load_teacher
 
     state0 = machine_state()
@@ -385,7 +386,7 @@ def main(argv=None) -> dict:
     counts = [n for _, n in frame_counts(utts, tch)]
     audio_s = sum(u.num_samples_at(16000) for u in utts) / 16000
     shard_frames = pick_shard_frames(counts, max(worker_counts), args.tasks_per_worker)
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
     qcfg = MultiCodebookQuantizer.load(qpath).config
     params = sum(p.numel() for p in tch.model.parameters()) if hasattr(tch, "model") else None
 

@@ -4,19 +4,19 @@
     .venv/bin/python bench/loader_throughput.py --utterances 500 --case-seconds 5 --json /tmp/l.json
 
 Data: a CI store of --utterances synthetic utterances (uniform 2-15 s) plus the utterances of a small real
-espeak-ng corpus (distill.corpus.make_corpus), 16 codebooks x 256, 50 Hz, random (incompressible) codes, frame
+espeak-ng corpus (distill.synth.corpus.make_corpus), 16 codebooks x 256, 50 Hz, random (incompressible) codes, frame
 counts of the project's native teacher for each utterance's exact sample count. Written once locally and once to a
 loopback moto S3 server started here (s3fs, region eu-west-1, credentials "testing"). Float labels for the HDF5
 anchor: float32 [T, --dim], one dataset per utterance (how icefall-style pipelines keep teacher embeddings).
 
 Cases (label frames = 50 Hz teacher frames delivered in collated batches; loaders run in this process, no
 DataLoader workers, i.e. the rate of one core):
-  labels-only   the label path alone: store read + distill.alignment.align_labels + distill.dataset.collate
+  labels-only   the label path alone: store read + distill.data.alignment.align_labels + distill.data.dataset.collate
                 (features replaced by empty [T, 0] arrays so collate does no feature work), through a torch
-                DataLoader with distill.dataset.ShardBucketSampler (60 s batches, shard-grouped, shuffled):
+                DataLoader with distill.data.dataset.ShardBucketSampler (60 s batches, shard-grouped, shuffled):
                 (a) CI store on local disk, (b) CI store on loopback S3, (c) float32 labels from HDF5 (h5py),
                 plus the same CI cases reading each batch with one CIStore.get_many call.
-  full example  distill.dataset.KDDataset + make_loader: audio read + fbank + tokens + labels, over the real
+  full example  distill.data.dataset.KDDataset + make_loader: audio read + fbank + tokens + labels, over the real
                 corpus utterances (no feature cache), labels local or on S3.
   training      (d) what the student consumes: distill.student.Transducer (default StudentConfig, MVQ KD head,
                 kd_stack 2) compute_loss + backward + clip + AdamW step on real collated batches of the corpus,
@@ -56,9 +56,9 @@ class CodesLabelsOnly(torch.utils.data.Dataset):
         return len(self.ds)
 
     def _example(self, i: int, raw: np.ndarray):
-        from distill.alignment import align_labels
-        from distill.dataset import Example, student_frames
-        from distill.fbank import num_fbank_frames
+        from distill.data.alignment import align_labels
+        from distill.data.dataset import Example, student_frames
+        from distill.data.fbank import num_fbank_frames
 
         utt = self.ds.utts[i]
         nf = num_fbank_frames(self.ds.num_samples(i), SR)
@@ -86,9 +86,9 @@ class H5LabelsOnly(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         import h5py
 
-        from distill.alignment import align_labels
-        from distill.dataset import Example, student_frames
-        from distill.fbank import num_fbank_frames
+        from distill.data.alignment import align_labels
+        from distill.data.dataset import Example, student_frames
+        from distill.data.fbank import num_fbank_frames
 
         if self._f is None:
             self._f = h5py.File(self.path, "r")
@@ -102,14 +102,14 @@ class H5LabelsOnly(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------- data
 def teacher_frames(num_samples: int) -> int:
     """Frames of the project's native teacher for this many 16 kHz samples (what extraction would store)."""
-    from distill.teacher_native import num_mel_frames
+    from distill.teachers.native import num_mel_frames
 
     t = num_mel_frames(num_samples, SR) - 2
     return 0 if t < 3 else (t - 3) // 2 + 1
 
 
 def synthetic_utterances(n: int, lo: float, hi: float, seed: int):
-    from distill.manifest import Utterance
+    from distill.data.manifest import Utterance
 
     rng = np.random.default_rng(seed)
     out = []
@@ -174,15 +174,15 @@ def time_loader(loader, budget_s: float) -> dict:
 
 
 def make_dl(dataset, durations, shards, max_seconds, seed=0):
-    from distill.dataset import ShardBucketSampler, collate
+    from distill.data.dataset import ShardBucketSampler, collate
 
     sampler = ShardBucketSampler(durations, shards, max_seconds=max_seconds, shuffle=True, seed=seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
 
 
 def training_rate(batches, student_cfg: dict, threads: int, budget_s: float, max_steps: int) -> dict:
-    from distill.student import StudentConfig, Transducer
-    from distill.train import TrainConfig
+    from distill.student.model import StudentConfig, Transducer
+    from distill.student.trainer import TrainConfig
 
     tc = TrainConfig()
     torch.set_num_threads(threads)
@@ -241,11 +241,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from distill.alignment import stack_factor
-    from distill.dataset import FBANK_RATE, KDDataset, make_loader
-    from distill.manifest import load_manifest
-    from distill.tokenizer import CharTokenizer
-    from distill.train import TrainConfig
+    from distill.data.alignment import stack_factor
+    from distill.data.dataset import FBANK_RATE, KDDataset, make_loader
+    from distill.data.manifest import load_manifest
+    from distill.data.tokenizer import CharTokenizer
+    from distill.student.trainer import TrainConfig
 
     torch.set_num_threads(1)
     os.makedirs(args.workdir, exist_ok=True)

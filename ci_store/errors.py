@@ -16,3 +16,14 @@ def name_some(items, limit: int = 10) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+def duplicate_ids(ids) -> list[str]:
+    """Ids that occur more than once, each listed once, in order of first repeat."""
+    seen: set = set()
+    dups: dict = {}
+    for i in ids:
+        if i in seen:
+            dups[i] = None
+        seen.add(i)
+    return list(dups)

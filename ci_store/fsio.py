@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Iterable, Sequence
+from typing import Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
@@ -153,12 +156,7 @@ class ObjectStore:
             raise StoreError(f"{self.url} is open read-only; cannot write {key}")
         if self.local:
             # write-then-rename: a reader or a crash never sees half an object
-            path = self._path(key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            replace_file(self._path(key), data)
             return
         sync(self.zarr_store.set(key, self._proto.buffer.from_bytes(data)))
 
@@ -173,10 +171,20 @@ class ObjectStore:
         return bool(sync(self.zarr_store.is_empty("")))
 
 
-def existing_keys(objects: ObjectStore, keys: Iterable[str]) -> set[str]:
-    keys = list(keys)
+def replace_file(path: str, data: bytes) -> None:
+    """Write a local file by write-then-rename: a reader or a crash never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
-    async def run():
-        found = await asyncio.gather(*(objects.zarr_store.exists(k) for k in keys))
-        return {k for k, f in zip(keys, found) if f}
-    return sync(run()) if keys else set()
+
+def write_file(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write one whole file at a local path or fsspec URL; local files are replaced atomically."""
+    fs, p = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        replace_file(p, data)
+    else:
+        with fs.open(p, "wb") as f:
+            f.write(data)

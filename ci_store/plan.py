@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import StoreError, name_some
+from .errors import StoreError, duplicate_ids, name_some
 
 PLAN_FORMAT = "ci-store-plan"
 PLAN_VERSION = 1
@@ -191,12 +191,8 @@ def layout_problems(shard_frames: int, ids: Sequence[str], offsets: np.ndarray, 
         return [f"shard_frames must be positive, got {shard_frames}"]
     if n == 0:
         return problems
-    if len(set(ids)) != n:
-        seen, dup = set(), []
-        for u in ids:
-            if u in seen:
-                dup.append(u)
-            seen.add(u)
+    dup = duplicate_ids(ids)
+    if dup:
         problems.append(f"duplicate utterance ids: {name_some(dup)}")
     bad = np.flatnonzero(num_frames <= 0)
     if len(bad):
@@ -230,7 +226,7 @@ def plan_shards(utt_frames: Mapping[str, int] | Iterable[tuple[str, int]], shard
     shard_frames = _positive_int(shard_frames, "shard_frames")
     if not items:
         raise StoreError("cannot plan a store with no utterances")
-    ids, frames, bad_type, seen, dups = [], [], [], set(), []
+    ids, frames, bad_type = [], [], []
     for item in items:
         try:
             uid, n = item
@@ -239,13 +235,11 @@ def plan_shards(utt_frames: Mapping[str, int] | Iterable[tuple[str, int]], shard
         if not isinstance(uid, str) or not uid:
             bad_type.append(uid)
             continue
-        if uid in seen:
-            dups.append(uid)
-        seen.add(uid)
         ids.append(uid)
         frames.append(n)
     if bad_type:
         raise StoreError(f"utterance ids must be non-empty strings, got {name_some(bad_type)}")
+    dups = duplicate_ids(ids)
     if dups:
         raise StoreError(f"duplicate utterance ids: {name_some(dups)}")
     nonint = [u for u, n in zip(ids, frames) if isinstance(n, bool) or not isinstance(n, (int, np.integer))]

@@ -109,9 +109,6 @@ class ShardLayout:
             return arr.reshape(self.width, self.chunk_frames).T.astype(self.dtype)
         return arr.reshape(self.chunk_frames, self.width).astype(self.dtype, copy=False)
 
-    def empty_chunk(self) -> np.ndarray:
-        return np.full((self.chunk_frames, self.width), PAD_VALUE, dtype=self.dtype)
-
 
 def layout_from_zarr_metadata(meta: dict, where: str) -> ShardLayout:
     """Recognise format v1's codec chain in an array's zarr.json; anything else is not a ci-store array."""

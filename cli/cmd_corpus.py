@@ -29,7 +29,7 @@ def make_corpus_cmd(out_dir, hours, dev_hours, test_hours, student_hours, seed, 
     import json
     import os
 
-    from distill.corpus import CorpusError, make_corpus
+    from distill.synth.corpus import CorpusError, make_corpus
 
     try:
         paths = make_corpus(out_dir, hours=hours, dev_hours=dev_hours, test_hours=test_hours,

@@ -42,8 +42,8 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
     """Train the MVQ codec on FRAMES (.npy from sample-frames) and save it."""
     import numpy as np
 
-    from distill.malloc_tuning import raise_glibc_thresholds
-    from distill.mvq import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error
+    from distill.codec.malloc_tuning import raise_glibc_thresholds
+    from distill.codec.quantizer import MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error
 
     raise_glibc_thresholds()  # the search's large temporaries: measured 2.2x faster training at 1024-dim, same result
     x = np.load(frames, mmap_mode="r", allow_pickle=False)

@@ -39,9 +39,9 @@ def train_teacher_cmd(train_path, dev_path, out, d_model, layers, heads, ffn_dim
                       max_seconds_per_batch, lr, warmup_steps, grad_clip, no_spec_augment, max_utterance_seconds,
                       dev_max_utterances, seed, threads, num_workers, no_cache, log_path, quiet):
     """Train a log-mel transformer with a character CTC head on TRAIN and save it for `extract --teacher`."""
-    from distill.audio import AudioError
-    from distill.manifest import ManifestError
-    from distill.teacher_train import TeacherDataError, TeacherTrainConfig, train_teacher
+    from distill.data.audio import AudioError
+    from distill.data.manifest import ManifestError
+    from distill.teachers.training import TeacherDataError, TeacherTrainConfig, train_teacher
 
     try:
         cfg = TeacherTrainConfig(d_model=d_model, num_layers=layers, num_heads=heads, ffn_dim=ffn_dim,

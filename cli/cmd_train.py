@@ -34,9 +34,9 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
                       warmup_steps, seed, num_workers, threads, student_json, tokenizer, bpe, storage_options,
                       no_progress):
     """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
-    from distill.manifest import load_manifest
-    from distill.tokenizer import BPETokenizer, load_tokenizer
-    from distill.train import TrainConfig, train_student
+    from distill.data.manifest import load_manifest
+    from distill.data.tokenizer import BPETokenizer, load_tokenizer
+    from distill.student.trainer import TrainConfig, train_student
 
     if kd_scale is None:
         kd_scale = 0.1 if kd == "mvq" else 1.0
@@ -68,7 +68,7 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_cmd(run_dir, manifest, max_seconds, as_json):
     """Greedy-decode MANIFEST with the student in RUN_DIR and print its WER."""
-    from distill.train import evaluate
+    from distill.student.trainer import evaluate
 
     res = evaluate(run_dir, manifest, max_seconds=max_seconds)
     if as_json:

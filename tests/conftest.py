@@ -35,7 +35,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A few dozen seconds of synthetic multi-speaker speech (espeak-ng) with lhotse cut manifests."""
-    from distill.corpus import make_corpus
+    from distill.synth.corpus import make_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "c"
     return make_corpus(str(out), hours=0.006, dev_hours=0.002, test_hours=0.002, seed=3, progress=False)

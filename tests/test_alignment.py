@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from distill.alignment import IGNORE, AlignmentError, align_labels, default_tolerance, stack_factor
+from distill.data.alignment import IGNORE, AlignmentError, align_labels, default_tolerance, stack_factor
 
 
 def test_stack_factor_integer_ratios():

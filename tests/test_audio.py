@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from distill.audio import AudioError, read_audio, resample
-from distill.manifest import Utterance, probe_utterance, resampled_length
+from distill.data.audio import AudioError, probe_utterance, read_audio, resample
+from distill.data.manifest import Utterance, resampled_length
 
 
 def _sine(freq, sr, n, amp=0.5):

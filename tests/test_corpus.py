@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from distill import corpus as C
-from distill.corpus_text import extract_sentences, load_sentences, normalise, split_sentences
+from distill.synth import corpus as C
+from distill.synth.text import extract_sentences, load_sentences, normalise, split_sentences
 
 # ~12 utterances per corpus, a couple of seconds to make.
 TINY = dict(hours=14 / 3600, dev_hours=8 / 3600, test_hours=8 / 3600, student_hours=5 / 3600, progress=False)
@@ -117,7 +117,7 @@ def test_different_seed_gives_a_different_corpus(corpora):
 
 
 def test_manifest_reader_accepts_the_cuts(corpora):
-    manifest = pytest.importorskip("distill.manifest")
+    manifest = pytest.importorskip("distill.data.manifest")
     path = corpora[0]["dev"]
     utts = manifest.load_manifest(path)
     cuts = _cuts(path)

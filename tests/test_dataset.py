@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from ci_store import create, open_store, plan_shards
-from distill.alignment import IGNORE, AlignmentError
-from distill.audio import read_audio
-from distill.dataset import KDDataset, ShardBucketSampler, collate, make_loader, student_frames
-from distill.fbank import compute_fbank
-from distill.manifest import load_manifest
-from distill.tokenizer import CharTokenizer
-from distill.train import TrainConfig, train_student
+from distill.data.alignment import IGNORE, AlignmentError
+from distill.data.audio import read_audio
+from distill.data.dataset import KDDataset, ShardBucketSampler, collate, make_loader, student_frames
+from distill.data.fbank import compute_fbank
+from distill.data.manifest import load_manifest
+from distill.data.tokenizer import CharTokenizer
+from distill.student.trainer import TrainConfig, train_student
 
 NCB, DIM = 4, 8
 TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from ci_store import open_store
 from cli.main import main as cli
-from distill.extract import CRASH_ENV, ExtractionConfig, ExtractionError, run_extraction, sample_frames
-from distill.manifest import load_manifest
-from distill.mvq import MultiCodebookQuantizer
+from distill.extract import ExtractionConfig, ExtractionError, run_extraction, sample_frames
+from distill.data.manifest import load_manifest
+from distill.codec.quantizer import MultiCodebookQuantizer
 from distill.teachers import NativeTeacherConfig, NativeTeacherModel, load_teacher, save_native_teacher
 
 SHARD = 600  # frames per CI shard: several shards from a tiny corpus
@@ -28,7 +28,7 @@ SHARD = 600  # frames per CI shard: several shards from a tiny corpus
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from distill.corpus import make_corpus
+    from distill.synth.corpus import make_corpus
 
     out = tmp_path_factory.mktemp("xcorpus") / "c"
     return make_corpus(str(out), hours=0.012, dev_hours=0.001, test_hours=0.001, seed=11, progress=False)
@@ -68,7 +68,7 @@ def reference(tmp_path_factory, corpus, models):
 
 
 def test_codes_are_the_quantized_teacher_frames(reference, corpus, models):
-    from distill.audio import read_audio
+    from distill.data.audio import read_audio
 
     store = open_store(str(reference))
     teacher = load_teacher(models[0], layer=2)
@@ -101,10 +101,19 @@ def test_reproducible_across_workers_batch_size_and_order(reference, corpus, mod
 
 
 def test_dead_worker_is_retried(reference, corpus, models, tmp_path, monkeypatch):
+    """A worker process dies in the middle of a shard (after the teacher ran on its first utterance): the
+    scheduler reruns the task elsewhere and the store ends byte-identical to an undisturbed run."""
+    from dask.distributed import LocalCluster
+
     marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"{marker}:1")
+    monkeypatch.setenv("CI_STORE_TEST_CRASH_MARKER", str(marker))
+    monkeypatch.setenv("CI_STORE_TEST_CRASH_SHARD", "1")
     out = tmp_path / "store"
-    rep = run_extraction(corpus["train"], _cfg(models, out), workers=2, shard_frames=SHARD, progress=False)
+    preload = str(Path(__file__).with_name("worker_crash.py"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, preload=[preload],
+                      dashboard_address=None, silence_logs=50) as cluster:
+        rep = run_extraction(corpus["train"], _cfg(models, out), scheduler=cluster.scheduler_address,
+                             shard_frames=SHARD, progress=False)
     assert marker.exists(), "the fault was not injected"
     assert rep.ok
     assert _files(out) == _files(reference)
@@ -227,12 +236,12 @@ def test_extract_to_s3_with_float_labels(corpus, models, s3_bucket):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_worker_undoes_dask_malloc_trim_threshold(monkeypatch):
     """Dask's nanny sets MALLOC_TRIM_THRESHOLD_; the worker raises glibc's thresholds (measured 2.7x faster)."""
-    from distill.extract import _undo_dask_malloc_trim
+    from distill.extract.cluster import undo_dask_malloc_trim
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert _undo_dask_malloc_trim() is False  # a plain process is left alone
+    assert undo_dask_malloc_trim() is False  # a plain process is left alone
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    assert _undo_dask_malloc_trim() is True
+    assert undo_dask_malloc_trim() is True
 
 
 def test_tasks_come_largest_shard_first(corpus, models, tmp_path):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from distill.fbank import compute_fbank, num_fbank_frames
+from distill.data.fbank import compute_fbank, num_fbank_frames
 
 
 def _mel(f):

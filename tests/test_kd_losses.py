@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.kd_losses import (IGNORE_INDEX, MVQKDHead, RegressionKDHead, build_kd_head, mvq_kd_loss,
+from distill.student.kd_losses import (IGNORE_INDEX, MVQKDHead, RegressionKDHead, build_kd_head, mvq_kd_loss,
                                regression_kd_loss)
 
 

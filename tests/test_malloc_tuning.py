@@ -11,9 +11,9 @@ import numpy as np
 import torch
 torch.set_num_threads(1)
 if sys.argv[1] == "raise":
-    from distill.malloc_tuning import raise_glibc_thresholds
+    from distill.codec.malloc_tuning import raise_glibc_thresholds
     assert raise_glibc_thresholds()
-from distill.mvq import MultiCodebookQuantizer
+from distill.codec.quantizer import MultiCodebookQuantizer
 x = np.random.default_rng(0).standard_normal((2048, 64)).astype(np.float32)
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 # 16 codebooks: the search's beam accumulators are ~8 MB per 64-row chunk, far above the 128 KiB mmap threshold
@@ -43,7 +43,7 @@ def test_train_quantizer_command_gives_the_library_result(tmp_path):
     from click.testing import CliRunner
 
     from cli.main import main as cli
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
 
     x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
     np.save(tmp_path / "f.npy", x)

@@ -7,18 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from distill.audio import AudioError
-from distill.manifest import (
-    ManifestError,
-    Utterance,
-    compute_num_samples,
-    load_manifest,
-    probe_missing,
-    probe_utterance,
-    resampled_length,
-    write_jsonl_manifest,
-    write_lhotse_cuts,
-)
+from distill.data.audio import AudioError, probe_missing, probe_utterance
+from distill.data.manifest import ManifestError, Utterance, compute_num_samples, load_manifest, resampled_length
+from distill.data.writing import write_jsonl_manifest, write_lhotse_cuts
 
 
 def _write_jsonl(path, rows, gz=False):

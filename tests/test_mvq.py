@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.mvq import (MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error)
+from distill.codec.quantizer import (MultiCodebookQuantizer, codebook_usage_entropy, relative_reconstruction_error)
 
 DIM = 48
 FAST = dict(max_train_frames=4096, kmeans_iters=4, lsq_iters=2, progress=False)

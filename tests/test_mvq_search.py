@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill import mvq_search as S
+from distill.codec import search as S
 
 
 def plain_search(z: torch.Tensor, codebooks: torch.Tensor, beam: int, sweeps: int) -> torch.Tensor:

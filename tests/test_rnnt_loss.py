@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from distill.rnnt_loss import rnnt_loss
+from distill.student.rnnt_loss import rnnt_loss
 
 
 def brute_force_nll(logits: torch.Tensor, targets: list[int], blank: int = 0) -> torch.Tensor:

@@ -228,7 +228,7 @@ def test_resume_gives_byte_identical_store(tmp_path, utts, data):
     u = plan.shards[crashed].utt_ids[0]
     with pytest.raises(StoreError, match=f"shard {crashed} is not complete"):
         open_store(st.url)[u]
-    assert any(f"shards not complete" in p for p in verify_store(st.url))
+    assert any("shards not complete" in p for p in verify_store(st.url))
     fill(st, data, shards=set(range(plan.num_shards)) - first)
     assert st.completed_shards() == set(range(plan.num_shards))
     assert all_objects(st.url) == all_objects(ref.url)

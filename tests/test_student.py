@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from distill.decode import greedy_search, wer
-from distill.kd_losses import IGNORE_INDEX
-from distill.rnnt_loss import rnnt_loss
-from distill.student import StudentConfig, Transducer, subsampled_length
-from distill.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer, normalize_text
+from distill.student.decode import greedy_search, wer
+from distill.student.kd_losses import IGNORE_INDEX
+from distill.student.rnnt_loss import rnnt_loss
+from distill.student.model import StudentConfig, Transducer, subsampled_length
+from distill.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer, normalize_text
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def test_forward_and_compute_loss_with_kd_heads():
     tokens, token_lens = torch.tensor([[1, 2, 3], [4, 0, 0]]), torch.tensor([3, 1])
     Tp = subsampled_length(24, 4)
     k = 2
-    # MVQ: CI labels [B, T', k*N], -100 on padding, as distill.dataset.collate builds them
+    # MVQ: CI labels [B, T', k*N], -100 on padding, as distill.data.dataset.collate builds them
     model = Transducer(tiny_config(kd_type="mvq", kd_stack=k, num_codebooks=3, codebook_size=16))
     labels = torch.randint(0, 16, (2, Tp, k * 3))
     labels[1, subsampled_length(13, 4):] = IGNORE_INDEX
@@ -229,7 +229,7 @@ def test_wer():
 
 
 def test_cer():
-    from distill.decode import cer
+    from distill.student.decode import cer
 
     r = cer(["the cat", "ab"], ["the bat", "abc"])
     assert r["char_errors"] == 2 and r["chars"] == 9 and r["cer"] == pytest.approx(2 / 9)

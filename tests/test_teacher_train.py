@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from distill.manifest import ManifestError, Utterance, load_manifest
-from distill.teacher_native import NativeTeacherConfig, NativeTeacherModel
-from distill.teacher_train import (TeacherDataError, TeacherTrainConfig, _SpecAugment, bucket_batches,
+from distill.data.manifest import ManifestError, Utterance, load_manifest
+from distill.teachers.native import NativeTeacherConfig, NativeTeacherModel
+from distill.teachers.training import (TeacherDataError, TeacherTrainConfig, _SpecAugment, bucket_batches,
                                    evaluate_ctc, greedy_ctc_decode, load_trained_teacher, suggested_layer,
                                    tokenizer_path, train_teacher)
 from distill.teachers import load_teacher
-from distill.tokenizer import CharTokenizer
+from distill.data.tokenizer import CharTokenizer
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, ffn_dim=64, num_threads=1, num_workers=1,
             max_seconds_per_batch=12.0)
@@ -22,7 +22,7 @@ TINY = dict(d_model=32, num_layers=2, num_heads=2, ffn_dim=64, num_threads=1, nu
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from distill.corpus import EspeakMissingError, make_corpus
+    from distill.synth.corpus import EspeakMissingError, make_corpus
 
     out = str(tmp_path_factory.mktemp("corpus"))
     try:
@@ -81,7 +81,7 @@ def test_checkpoint_loads_for_extraction_and_evaluation(corpus, tmp_path):
     assert (teacher.dim, teacher.num_layers, teacher.layer, teacher.frame_rate) == (32, 3, 2, 50.0)
     assert teacher.checkpoint_sha256 == res.checkpoint_sha256
     utts = load_manifest(corpus["dev"])[:2]
-    from distill.audio import read_audio
+    from distill.data.audio import read_audio
 
     waves = [torch.from_numpy(read_audio(u, 16000)) for u in utts]
     x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.train import TrainConfig, evaluate, train_student
+from distill.student.trainer import TrainConfig, evaluate, train_student
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,
             joiner_dim=32, dropout=0.1)

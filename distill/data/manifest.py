@@ -5,20 +5,17 @@ job; sample counts follow lhotse's own rounding so frame counts agree with what 
 """
 from __future__ import annotations
 
-import dataclasses
-import gzip
-import io
 import json
 import math
 import os
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Iterable, Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from ci_store.errors import duplicate_ids, name_some
 
 __all__ = [
     "ManifestError",
@@ -26,10 +23,6 @@ __all__ = [
     "compute_num_samples",
     "resampled_length",
     "load_manifest",
-    "write_jsonl_manifest",
-    "write_lhotse_cuts",
-    "probe_utterance",
-    "probe_missing",
 ]
 
 
@@ -346,16 +339,10 @@ def _first_kind(path: str, so: dict | None) -> str:
     return "empty"
 
 
-def _check_unique(utts: list[Utterance], path: str) -> None:
-    seen: set[str] = set()
-    dups: list[str] = []
-    for u in utts:
-        if u.id in seen and u.id not in dups:
-            dups.append(u.id)
-        seen.add(u.id)
+def check_unique(utts: list[Utterance], path: str) -> None:
+    dups = duplicate_ids(u.id for u in utts)
     if dups:
-        shown = ", ".join(repr(d) for d in dups[:20]) + (f" ... ({len(dups)} in all)" if len(dups) > 20 else "")
-        raise ManifestError(f"{path}: duplicate utterance ids: {shown}")
+        raise ManifestError(f"{path}: duplicate utterance ids: {name_some(dups, 20)}")
 
 
 def load_manifest(path_or_url: str, *, recordings: str | None = None, supervisions: str | None = None,
@@ -399,181 +386,5 @@ def load_manifest(path_or_url: str, *, recordings: str | None = None, supervisio
     else:
         raise ManifestError(f"{path_or_url}:1: unrecognised record (expected a lhotse cut/recording/supervision "
                             f"or a plain {{'id', 'audio'}} line)")
-    _check_unique(utts, path_or_url)
+    check_unique(utts, path_or_url)
     return utts
-
-
-# ----------------------------------------------------------------------------------------------- probing
-
-def probe_utterance(utt: Utterance, storage_options: dict | None = None) -> Utterance:
-    """Fill sample_rate/num_samples/duration from the file header (soundfile.info) when the manifest lacks them.
-
-    Pure function of one utterance, so callers can map it over workers. Raises AudioError on unreadable files.
-    """
-    if utt.sample_rate is not None and utt.num_samples is not None and utt.duration is not None:
-        return utt
-    from distill.audio import AudioError, _open_sound  # audio depends on manifest, not the reverse
-
-    with _open_sound(utt, storage_options) as snd:
-        sr, frames = int(snd.samplerate), int(snd.frames)
-    if utt.sample_rate is not None and utt.sample_rate != sr:
-        raise AudioError(utt.id, f"file {utt.audio} has sample rate {sr} Hz but the manifest says "
-                                 f"{utt.sample_rate} Hz")
-    n = utt.num_samples
-    if n is None:
-        if utt.duration is not None:
-            n = compute_num_samples(utt.duration, sr)
-        else:
-            n = max(frames - compute_num_samples(utt.offset, sr), 0)
-    dur = utt.duration if utt.duration is not None else n / sr
-    return dataclasses.replace(utt, sample_rate=sr, num_samples=n, duration=dur)
-
-
-def probe_missing(utts: list[Utterance], storage_options: dict | None = None, *,
-                  max_workers: int = 8) -> list[Utterance]:
-    """probe_utterance over the utterances that need it (threads: header reads are I/O bound); order kept."""
-    need = [i for i, u in enumerate(utts)
-            if u.sample_rate is None or u.num_samples is None or u.duration is None]
-    out = list(utts)
-    if not need:
-        return out
-    if max_workers <= 1 or len(need) == 1:
-        for i in need:
-            out[i] = probe_utterance(utts[i], storage_options)
-        return out
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(need))) as ex:
-        for i, u in zip(need, ex.map(lambda j: probe_utterance(utts[j], storage_options), need)):
-            out[i] = u
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-def _write_lines(path: str, lines: Iterable[str], storage_options: dict | None) -> None:
-    """Write text lines (gzip when the name ends in .gz); local files are replaced atomically."""
-    data = "".join(lines).encode("utf-8")
-    if str(path).endswith(".gz"):
-        buf = io.BytesIO()
-        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-            gz.write(data)
-        data = buf.getvalue()
-    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(os.path.abspath(p)) or ".", exist_ok=True)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    else:
-        with fs.open(p, "wb") as f:
-            f.write(data)
-
-
-def _check_writable(utts: list[Utterance], what: str) -> None:
-    _check_unique(utts, what)
-
-
-def write_jsonl_manifest(utts: Iterable[Utterance], path: str, *, storage_options: dict | None = None) -> None:
-    """Plain JSONL manifest (the format load_manifest reads back); None fields and defaults are omitted."""
-    utts = list(utts)
-    _check_writable(utts, str(path))
-
-    def line(u: Utterance) -> str:
-        d: dict[str, Any] = {"id": u.id, "audio": u.audio}
-        for k in ("sample_rate", "num_samples", "duration", "text", "speaker"):
-            v = getattr(u, k)
-            if v is not None:
-                d[k] = v
-        if u.offset:
-            d["offset"] = u.offset
-        if u.channel != 0:
-            d["channel"] = u.channel
-        return json.dumps(d, ensure_ascii=False) + "\n"
-
-    _write_lines(path, (line(u) for u in utts), storage_options)
-
-
-def write_lhotse_cuts(utts: Iterable[Utterance], path: str, *, storage_options: dict | None = None,
-                      probe: bool = True) -> None:
-    """Write a lhotse CutSet (MonoCut per utterance, embedded Recording + one SupervisionSegment).
-
-    With `probe=True` the audio headers are read (once per file) so each Recording carries the file's true
-    channel count and length, as lhotse expects; with `probe=False` files are assumed mono and the recording is
-    taken to end where the utterance ends. Utterances sharing a file share a recording id.
-    """
-    utts = list(utts)
-    _check_writable(utts, str(path))
-    headers: dict[str, tuple[int, int, int]] = {}  # audio -> (rate, frames, channels)
-    if probe:
-        from distill.audio import _open_sound
-
-        for u in utts:
-            if u.audio not in headers:
-                with _open_sound(u, storage_options) as snd:
-                    headers[u.audio] = (int(snd.samplerate), int(snd.frames), int(snd.channels))
-    users: dict[str, list[Utterance]] = {}
-    for u in utts:
-        users.setdefault(u.audio, []).append(u)
-    rec_ids: dict[str, str] = {}
-    taken = {u.id for u in utts}
-    for audio, us in users.items():
-        if len(us) == 1 and us[0].offset == 0:
-            rec_ids[audio] = us[0].id
-            continue
-        base = posixpath.basename(audio.split("://", 1)[-1]).split(".", 1)[0] or "rec"
-        rid, k = base, 1
-        while rid in taken:
-            k += 1
-            rid = f"{base}-{k}"
-        taken.add(rid)
-        rec_ids[audio] = rid
-
-    def line(u: Utterance) -> str:
-        if probe:
-            sr, frames, chans = headers[u.audio]
-            if u.sample_rate is not None and u.sample_rate != sr:
-                raise ManifestError(f"utterance {u.id!r}: manifest says {u.sample_rate} Hz but {u.audio} is {sr} Hz")
-        else:
-            if u.sample_rate is None:
-                raise ManifestError(f"utterance {u.id!r}: sample rate unknown; use probe=True or probe_missing()")
-            sr, chans = u.sample_rate, 1
-            frames = None
-        n = u.num_samples
-        if n is None:
-            if u.duration is not None:
-                n = compute_num_samples(u.duration, sr)
-            elif frames is not None:
-                n = frames - compute_num_samples(u.offset, sr)
-            else:
-                raise ManifestError(f"utterance {u.id!r}: length unknown; use probe=True or probe_missing()")
-        duration = u.duration if u.duration is not None else n / sr
-        if frames is None:
-            frames = compute_num_samples(u.offset, sr) + n
-        if u.channel is None:
-            channel: Any = list(range(chans))
-        else:
-            if u.channel >= chans:
-                raise ManifestError(f"utterance {u.id!r}: channel {u.channel} but {u.audio} has {chans} channel(s)")
-            channel = u.channel
-        rid = rec_ids[u.audio]
-        recording = {
-            "id": rid,
-            "sources": [{"type": "url" if "://" in u.audio else "file",
-                         "channels": list(range(chans)), "source": u.audio}],
-            "sampling_rate": sr,
-            "num_samples": frames,
-            "duration": frames / sr,
-            "channel_ids": list(range(chans)),
-        }
-        sup: dict[str, Any] = {"id": u.id, "recording_id": rid, "start": 0.0, "duration": duration,
-                               "channel": channel}
-        if u.text is not None:
-            sup["text"] = u.text
-        if u.speaker is not None:
-            sup["speaker"] = u.speaker
-        cut = {"id": u.id, "start": u.offset, "duration": duration, "channel": channel,
-               "supervisions": [sup], "recording": recording,
-               "type": "MonoCut" if isinstance(channel, int) else "MultiCut"}
-        return json.dumps(cut, ensure_ascii=False) + "\n"
-
-    _write_lines(path, [line(u) for u in utts], storage_options)

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import mvq_train as T
-from .mvq_search import SearchTables, search_block
+from ci_store.format import codes_dtype
+
+from . import training as T
+from .search import SearchTables, search_block
 
 FORMAT = "ci-store-mvq"
 VERSION = 1
@@ -51,12 +53,13 @@ DEFAULT_TRAIN_OPTS: dict[str, Any] = {
 }
 
 
+
+class QuantizerError(ValueError):
+    """A quantizer file or its training/encoding input cannot be used; the message names the file or item."""
+
+
 def _is_pow2(n: int) -> bool:
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
-
-
-def codes_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint8) if codebook_size <= 256 else np.dtype(np.uint16)
 
 
 class MultiCodebookQuantizer:

@@ -1,7 +1,7 @@
 """Transcripts for the synthetic corpus: real English sentences, normalised to ASR-style text, shipped offline.
 
 The bundled `data/sentences.txt.gz` holds ~22k distinct sentences from Jane Austen's six novels (1811-1818,
-public domain). It was built by `python -m distill.corpus_text --from-janeaustenr DIR` from the Debian package
+public domain). It was built by `python -m distill.synth.text --from-janeaustenr DIR` from the Debian package
 `r-cran-janeaustenr` (its R lazy-load data holds the Project Gutenberg texts line by line); the builder is kept
 here so the file can be checked and rebuilt, but nothing at run time needs R or that package.
 
@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 __all__ = ["SENTENCES_PATH", "load_sentences", "normalise", "split_sentences", "extract_sentences"]
 
-SENTENCES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sentences.txt.gz")
+SENTENCES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentences.txt.gz")
 
 MIN_WORDS, MAX_WORDS = 4, 20
 
@@ -233,7 +233,7 @@ def build_from_janeaustenr(src: str, out_path: str = SENTENCES_PATH) -> int:
         for s in extract_sentences(lines):
             seen.setdefault(s)
     header = ("# Sentences from Jane Austen's six novels (public domain), normalised for ASR; "
-              "built by distill.corpus_text from Debian r-cran-janeaustenr.\n")
+              "built by distill.synth.text from Debian r-cran-janeaustenr.\n")
     with open(out_path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
         gz.write((header + "".join(s + "\n" for s in seen)).encode("utf-8"))
     return len(seen)

@@ -1,7 +1,7 @@
 """Offline multi-speaker English speech corpus synthesised with espeak-ng, written as lhotse CutSets.
 
 Why: the distillation pipeline needs real audio with real transcripts in CI and demos, and no data set can be
-downloaded there. espeak-ng (a Debian package) speaks bundled public-domain sentences (`distill.corpus_text`)
+downloaded there. espeak-ng (a Debian package) speaks bundled public-domain sentences (`distill.synth.text`)
 with many accents, voice variants, speeds and pitches; we resample to 16 kHz and add noise at a random SNR so
 the teacher/student see varied, imperfect input.
 
@@ -11,10 +11,8 @@ order until the split's hours are reached). Worker count only changes speed, nev
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -25,10 +23,13 @@ from functools import lru_cache
 
 import numpy as np
 
-from distill.corpus_text import SENTENCES_PATH, load_sentences
+from distill.data.audio import resample
+from distill.data.manifest import Utterance
+from distill.data.writing import write_jsonl_manifest, write_lhotse_cuts
+from distill.synth.text import SENTENCES_PATH, load_sentences
 
 __all__ = ["CorpusError", "EspeakMissingError", "BASE_VOICES", "VARIANTS", "ESPEAK_RATE", "make_corpus",
-           "synthesize", "check_voices", "resample", "write_lhotse_cuts"]
+           "synthesize", "check_voices"]
 
 ESPEAK_RATE = 22050
 SPLITS = ("train", "dev", "test")
@@ -124,59 +125,6 @@ def synthesize(text: str, voice: str = "en-us", *, speed: int = 175, pitch: int 
     if not np.any(x):
         raise CorpusError(f"espeak-ng produced silence for voice {voice!r}, text {text!r}")
     return x
-
-
-# ---------------------------------------------------------------------------------------------- resampling
-
-@lru_cache(maxsize=8)
-def _filter_bank(up: int, down: int):
-    """Kaiser-windowed sinc low-pass (the filter scipy.signal.resample_poly uses) as a matrix mapping an input
-    window to `up` consecutive outputs, cut into column groups so each group only touches the rows it needs."""
-    max_rate = max(up, down)
-    half = 10 * max_rate
-    n = np.arange(-half, half + 1, dtype=np.float64)
-    h = np.sinc(n / max_rate) * np.kaiser(2 * half + 1, 5.0)
-    h *= up / h.sum()
-    taps = -(-h.size // up)
-    h = np.concatenate([h, np.zeros(taps * up - h.size)])
-    # Output up*q + r = sum_i h[phase_r + i*up] * x[base_r + down*q - i]: the same taps for every q.
-    t = half + np.arange(up, dtype=np.int64) * down
-    base, phase = t // up, t % up
-    lo = int(base.min()) - (taps - 1)
-    bank = np.zeros((int(base.max()) - lo + 1, up))
-    i = np.arange(taps)
-    bank[base[:, None] - i[None, :] - lo, np.arange(up)[:, None]] = h[phase[:, None] + i[None, :] * up]
-    groups = []
-    for cols in np.array_split(np.arange(up), min(up, 16)):
-        rows = np.flatnonzero(bank[:, cols].any(axis=1))
-        r0, r1 = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
-        groups.append((slice(int(cols[0]), int(cols[-1]) + 1), r0, r1, np.ascontiguousarray(bank[r0:r1, cols])))
-    return lo, bank.shape[0], groups
-
-
-def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Rational polyphase resampling; same filter, length (ceil(n*to/from)) and alignment as scipy's resample_poly.
-
-    Uses einsum, not BLAS: no thread oversubscription next to the synthesis workers, and bit-identical results
-    whatever the thread count (the corpus must be byte-reproducible).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if from_rate == to_rate:
-        return x.copy()
-    g = math.gcd(int(from_rate), int(to_rate))
-    up, down = int(to_rate) // g, int(from_rate) // g
-    lo, span, groups = _filter_bank(up, down)
-    n_out = -(-x.size * up // down)
-    rows = -(-n_out // up)
-    left = max(0, -lo)
-    padded = np.zeros(max(left + lo + down * (rows - 1) + span, left + x.size))
-    padded[left:left + x.size] = x
-    windows = np.lib.stride_tricks.as_strided(padded[left + lo:], shape=(rows, span),
-                                              strides=(padded.strides[0] * down, padded.strides[0]), writeable=False)
-    out = np.empty((rows, up))
-    for cols, r0, r1, block in groups:
-        out[:, cols] = np.einsum("qs,sr->qr", windows[:, r0:r1], block)
-    return out.ravel()[:n_out]
 
 
 # ----------------------------------------------------------------------------------------- one utterance
@@ -292,38 +240,9 @@ def _produce(job):
 
 # ------------------------------------------------------------------------------------------------ manifests
 
-def _cut(spec: _Spec, path: str, num_samples: int, rate: int) -> dict:
-    dur = num_samples / rate
-    return {"id": spec.id, "start": 0.0, "duration": dur, "channel": 0,
-            "supervisions": [{"id": spec.id, "recording_id": spec.id, "start": 0.0, "duration": dur, "channel": 0,
-                              "text": spec.text, "language": "English", "speaker": spec.voice}],
-            "recording": {"id": spec.id, "sources": [{"type": "file", "channels": [0], "source": path}],
-                          "sampling_rate": rate, "num_samples": num_samples, "duration": dur, "channel_ids": [0]},
-            "type": "MonoCut"}
-
-
-def _write_gz_lines(path: str, lines) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        for line in lines:
-            gz.write(line.encode("utf-8"))
-    os.replace(tmp, path)
-
-
-def write_lhotse_cuts(cuts: list[dict], path: str) -> None:
-    """A lhotse CutSet file (.jsonl.gz, byte-reproducible: no gzip timestamp/name)."""
-    _write_gz_lines(path, (json.dumps(c, ensure_ascii=False) + "\n" for c in cuts))
-
-
-def _write_plain(cuts: list[dict], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for c in cuts:
-            rec, sup = c["recording"], c["supervisions"][0]
-            f.write(json.dumps({"id": c["id"], "audio": rec["sources"][0]["source"], "sample_rate": rec["sampling_rate"],
-                                "num_samples": rec["num_samples"], "duration": c["duration"], "text": sup["text"],
-                                "speaker": sup["speaker"]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _utterance(spec: _Spec, path: str, num_samples: int, rate: int) -> Utterance:
+    return Utterance(id=spec.id, audio=path, sample_rate=rate, num_samples=num_samples, duration=num_samples / rate,
+                     text=spec.text, speaker=spec.voice)
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -448,7 +367,7 @@ def make_corpus(out_dir: str, hours: float = 10.0, dev_hours: float | None = Non
                         os.unlink(path)
                         continue
                     src = os.path.relpath(path, out_dir) if relative_paths else path
-                    got.append(_cut(spec, src, n, int(sample_rate)))
+                    got.append(_utterance(spec, src, n, int(sample_rate)))
                     bar.update(min(n / sample_rate, seconds[split] - total))
                     total += n / sample_rate
             cuts[split] = got
@@ -461,22 +380,22 @@ def make_corpus(out_dir: str, hours: float = 10.0, dev_hours: float | None = Non
             if acc >= student_hours * 3600.0:
                 break
             small.append(cuts["train"][j])
-            acc += small[-1]["duration"]
-        cuts["train_small"] = sorted(small, key=lambda c: c["id"])
+            acc += small[-1].duration
+        cuts["train_small"] = sorted(small, key=lambda u: u.id)
 
     paths = {}
     for split, cs in cuts.items():
         paths[split] = os.path.join(out_dir, f"cuts_{split}.jsonl.gz")
-        write_lhotse_cuts(cs, paths[split])
-        _write_plain(cs, os.path.join(out_dir, f"{split}.jsonl"))
+        write_lhotse_cuts(cs, paths[split], probe=False, language="English")
+        write_jsonl_manifest(cs, os.path.join(out_dir, f"{split}.jsonl"))
     summary = {
         "seed": int(seed), "sample_rate": int(sample_rate), "snr_db": [lo, hi], "trim": bool(trim),
         "audio_format": audio_format, "relative_paths": bool(relative_paths),
         "text_source": os.path.basename(sentences_path or SENTENCES_PATH),
         "espeak_ng": subprocess.run([_espeak(), "--version"], capture_output=True, text=True).stdout.strip(),
-        "splits": {s: {"utterances": len(cs), "hours": round(sum(c["duration"] for c in cs) / 3600.0, 4),
-                       "distinct_sentences": len({c["supervisions"][0]["text"] for c in cs}),
-                       "speakers": len({c["supervisions"][0]["speaker"] for c in cs}),
+        "splits": {s: {"utterances": len(cs), "hours": round(sum(u.duration for u in cs) / 3600.0, 4),
+                       "distinct_sentences": len({u.text for u in cs}),
+                       "speakers": len({u.speaker for u in cs}),
                        "manifest": os.path.basename(paths[s])} for s, cs in cuts.items()},
         "sentence_pools": {s: len(p) for s, p in pools.items()},
         "voices": voices,

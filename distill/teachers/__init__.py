@@ -1,7 +1,7 @@
 """Teachers for label extraction: one entry point, `load_teacher`, that recognises the checkpoint format.
 
-- a directory (local or fsspec URL) with config.json: HuggingFace HuBERT / wav2vec2 (distill.teacher_hf)
-- a .safetensors file with metadata format "ci-store-teacher": our native encoder (distill.teacher_native)
+- a directory (local or fsspec URL) with config.json: HuggingFace HuBERT / wav2vec2 (distill.teachers.hf)
+- a .safetensors file with metadata format "ci-store-teacher": our native encoder (distill.teachers.native)
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import posixpath
 
 import fsspec
 
-from distill.teacher_base import Teacher, min_samples_for, sha256_of_files
-from distill.teacher_native import (
+from distill.teachers.base import Teacher, TeacherError, min_samples_for, sha256_of_files
+from distill.teachers.native import (
     NATIVE_FORMAT,
     NativeTeacher,
     NativeTeacherConfig,
@@ -23,7 +23,7 @@ from distill.teacher_native import (
     save_native_teacher,
 )
 
-__all__ = ["Teacher", "load_teacher", "NativeTeacher", "NativeTeacherConfig", "NativeTeacherModel",
+__all__ = ["Teacher", "TeacherError", "load_teacher", "NativeTeacher", "NativeTeacherConfig", "NativeTeacherModel",
            "NativeTeacherOutput", "save_native_teacher", "load_native_model", "log_mel", "num_mel_frames",
            "sha256_of_files", "min_samples_for"]
 
@@ -37,11 +37,11 @@ def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options:
     if fs.isdir(p):
         if not fs.exists(posixpath.join(p.rstrip("/"), "config.json")):
             raise ValueError(f"{path_or_url}: directory has no config.json (expected a HuggingFace model directory)")
-        from distill.teacher_hf import load_hf_teacher  # transformers is imported only when needed
+        from distill.teachers.hf import load_hf_teacher  # transformers is imported only when needed
 
         teacher: Teacher = load_hf_teacher(path_or_url, layer=layer, storage_options=storage_options)
     elif p.endswith("config.json"):
-        from distill.teacher_hf import load_hf_teacher
+        from distill.teachers.hf import load_hf_teacher
 
         parent = path_or_url.rstrip("/").rsplit("/", 1)[0]
         teacher = load_hf_teacher(parent, layer=layer, storage_options=storage_options)

@@ -12,15 +12,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from distill.checkpoint import load_checkpoint, load_meta, save_checkpoint
-from distill.dataset import KDDataset, ShardBucketSampler, collate, worker_init
-from distill.manifest import load_manifest
-from distill.tokenizer import CharTokenizer, load_tokenizer, normalize_text
+from distill.student.checkpoint import load_checkpoint, save_checkpoint
+from distill.data.dataset import KDDataset, ShardBucketSampler, collate, worker_init
+from distill.data.manifest import load_manifest
+from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
 
 
 @dataclass
@@ -68,7 +67,7 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def build_model(student_cfg: dict):
-    from distill.student import StudentConfig, Transducer
+    from distill.student.model import StudentConfig, Transducer
 
     return Transducer(StudentConfig(**student_cfg))
 
@@ -222,7 +221,7 @@ def load_student(run_dir: str):
 def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None, storage_options=None,
                    max_seconds: float = 120.0, return_hyps: bool = False) -> dict:
     """Greedy-decode `utts` and score WER against their texts."""
-    from distill.decode import cer, greedy_search, wer
+    from distill.student.decode import cer, greedy_search, wer
 
     was_training = model.training
     model.eval()

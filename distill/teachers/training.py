@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
-from distill.audio import read_audio
-from distill.manifest import Utterance, load_manifest
-from distill.teacher_native import (NativeTeacherConfig, NativeTeacherModel, load_native_model, num_mel_frames,
+from distill.data.audio import read_audio
+from distill.data.manifest import Utterance, load_manifest
+from distill.teachers.native import (NativeTeacherConfig, NativeTeacherModel, load_native_model, num_mel_frames,
                                     save_native_teacher)
-from distill.tokenizer import CharTokenizer, normalize_text
+from distill.data.tokenizer import CharTokenizer, normalize_text
 
 __all__ = ["TeacherTrainConfig", "TeacherTrainResult", "train_teacher", "evaluate_ctc", "greedy_ctc_decode",
            "load_trained_teacher", "tokenizer_path", "suggested_layer", "bucket_batches", "TeacherDataError"]

@@ -1,7 +1,7 @@
 """Knowledge-distillation heads on an intermediate student encoder layer, and their losses.
 
 Each student frame predicts `stack_k` consecutive teacher frames (teacher rate / student rate, see
-distill.alignment), so a head outputs k predictions per student frame:
+distill.data.alignment), so a head outputs k predictions per student frame:
 
 - `MVQKDHead` (MVQ-KD, Guo et al. 2022): logits for k x num_codebooks codebook indexes (CI), trained with
   cross-entropy; label -100 marks padding. Per teacher frame the loss is the SUM of the codebooks'

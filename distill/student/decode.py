@@ -49,7 +49,7 @@ def wer(refs: list[str], hyps: list[str]) -> dict:
     """Corpus word error rate: dict(wer, errors, words, substitutions, deletions, insertions).
 
     Texts are compared word by word after whitespace splitting (normalise them the same way first, e.g. with
-    distill.tokenizer.normalize_text). Empty references are allowed: their hypothesis words count as insertions.
+    distill.data.tokenizer.normalize_text). Empty references are allowed: their hypothesis words count as insertions.
     """
     import jiwer
 

@@ -6,11 +6,11 @@ Design points that matter for correctness:
   BatchNorm statistics). So a padded utterance in a batch gets the same encoder output as alone (tested).
 - Conv subsampling uses kernel 3, stride 2, padding 1 per factor of 2, so the output length is exactly
   ceil(T / subsampling) (`subsampled_length`), i.e. 100 Hz fbank -> 25 Hz for subsampling 4, proportional to
-  duration, which keeps teacher-frame stacking aligned (distill.alignment).
+  duration, which keeps teacher-frame stacking aligned (distill.data.alignment).
 - Stateless predictor (icefall's "stateless decoder"): embedding + 1-D conv over the last `pred_context`
   tokens, left-padded with blank in token space, so training and greedy decoding see identical contexts.
 - The transducer loss never materialises [B, T, U+1, V] beyond `joiner_chunk_elems` elements: the joiner is
-  evaluated in chunks of frames under activation checkpointing (distill.rnnt_loss).
+  evaluated in chunks of frames under activation checkpointing (distill.student.rnnt_loss).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.kd_losses import build_kd_head
-from distill.rnnt_loss import rnnt_loss
+from distill.student.kd_losses import build_kd_head
+from distill.student.rnnt_loss import rnnt_loss
 
 __all__ = ["StudentConfig", "Transducer", "subsampled_length", "ConformerEncoder", "Conv2dSubsampling",
            "StatelessPredictor", "Joiner"]
@@ -335,7 +335,7 @@ class Transducer(nn.Module):
                 "kd_out": kd_out}
 
     def compute_loss(self, batch: dict, kd_scale: float = 0.0) -> tuple[torch.Tensor, dict]:
-        """Total loss for a collated batch (distill.dataset.collate) and its parts.
+        """Total loss for a collated batch (distill.data.dataset.collate) and its parts.
 
         Everything is normalised per student encoder frame: transducer NLL summed over the batch / frames, KD loss
         summed over valid teacher frames / student frames, so `kd_scale` plays the role of icefall's

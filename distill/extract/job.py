@@ -11,28 +11,18 @@ So worker count, batch size and manifest order do not change a single stored byt
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ci_store import ShardPlan, create, open_store, plan_shards
-from distill.audio import AudioError, read_audio
-from distill.malloc_tuning import raise_glibc_thresholds
-from distill.manifest import Utterance, load_manifest, probe_utterance
-
-DEFAULT_SHARD_FRAMES = 1 << 20  # ~5.8 h of 50 Hz frames: few large objects on object storage
-DEFAULT_FLOAT_SHARD_BYTES = 128 << 20  # float-label shards stay ~128 MB
-CRASH_ENV = "CI_STORE_TEST_CRASH_ONCE"  # fault injection for the worker-death test: "<marker file>:<shard>"
-
-
-class ExtractionError(RuntimeError):
-    """The job cannot start (bad manifest, incompatible store, ...); raised before any shard is written."""
-
+from ci_store import create, open_store
+from ci_store.format import DEFAULT_CODES_SHARD_FRAMES as DEFAULT_SHARD_FRAMES
+from distill.data.audio import AudioError, read_audio
+from distill.data.manifest import Utterance, load_manifest
+from distill.extract.cluster import embedded_cluster, has_bokeh, undo_dask_malloc_trim
+from distill.extract.planning import (ExtractionError, check_unique_ids, float_layout_frames, frame_counts,
+                                      plan_stores, probe_all)
 
 @dataclass
 class ExtractionConfig:
@@ -108,26 +98,16 @@ class ExtractionReport:
 _MODELS: dict = {}
 
 
-def _undo_dask_malloc_trim() -> bool:
-    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which freezes glibc's mmap threshold at
-    128 KiB: every large temporary of the quantizer's search becomes a fresh mmap, page faults and munmap.
-    bench/extract_scaling.py measured extraction 2.7x slower for it. Raise the thresholds in this worker
-    (works under any scheduler, LocalCluster or jobqueue); a plain process is left alone."""
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        return False
-    return raise_glibc_thresholds()
-
-
 def _models(cfg: ExtractionConfig):
     """Load teacher and quantizer once per worker process (not once per task)."""
     import torch
 
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
     from distill.teachers import load_teacher
 
     torch.set_num_threads(cfg.threads_per_worker)
     if not _MODELS:
-        _undo_dask_malloc_trim()
+        undo_dask_malloc_trim()
     key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
     if key not in _MODELS:
         teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
@@ -136,17 +116,6 @@ def _models(cfg: ExtractionConfig):
         _MODELS.clear()
         _MODELS[key] = (teacher, quantizer)
     return _MODELS[key]
-
-
-def _maybe_crash(shard: int) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    marker, _, which = spec.rpartition(":")
-    if int(which) == shard and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(17)  # a worker dying mid-task, as an OOM kill would
 
 
 def embed_utterance(teacher, utt: Utterance, wave: np.ndarray) -> np.ndarray:
@@ -173,7 +142,6 @@ def run_shard(cfg: ExtractionConfig, shard_index: int, utts: list[Utterance],
             float_todo.append((fstore, dtype, todo))
     if store.is_shard_complete(shard_index) and not float_todo:
         return ShardResult(shard_index, 0, 0, {}, 0.0, 0.0, skipped=True)
-    _maybe_crash(shard_index)
     teacher, quantizer = _models(cfg)
     expected = {sid: n for sid, n in zip(store.plan.shards[shard_index].utt_ids,
                                           store.plan.shards[shard_index].num_frames)}
@@ -235,68 +203,6 @@ def _encode_all(quantizer, embeddings: dict[str, np.ndarray], batch_frames: int)
     return out
 
 
-# ---------------------------------------------------------------- planning
-
-
-def _probe_all(utts: list[Utterance], storage_options: dict | None) -> list[Utterance]:
-    """Fill missing sample counts from file headers; unreadable files keep a 0-sample placeholder so they
-    still get an index entry and fail (recorded, with the reason) inside their shard task."""
-    out = []
-    for u in utts:
-        if u.num_samples is None or u.sample_rate is None:
-            try:
-                u = probe_utterance(u, storage_options)
-            except AudioError:
-                u = dataclasses.replace(u, num_samples=0, sample_rate=u.sample_rate or 16000)
-        out.append(u)
-    return out
-
-
-def check_unique_ids(utts: list[Utterance]) -> None:
-    seen, dups = set(), []
-    for u in utts:
-        if u.id in seen:
-            dups.append(u.id)
-        seen.add(u.id)
-    if dups:
-        raise ExtractionError(f"duplicate utterance ids in the manifest: {sorted(set(dups))[:20]}")
-
-
-def frame_counts(utts: list[Utterance], teacher) -> list[tuple[str, int]]:
-    """Exact teacher frame count of every utterance, from exact sample counts; sorted by id."""
-    out = []
-    for u in sorted(utts, key=lambda u: u.id):
-        n = u.num_samples_at(teacher.sample_rate)
-        out.append((u.id, max(0, int(teacher.num_frames(n)))))
-    return out
-
-
-def plan_stores(counts: list[tuple[str, int]], shard_frames: int, float_shard_frames: int | None):
-    """CI shards, and float shards nested inside them (so one task owns every object it writes).
-
-    Utterances whose audio is too short for even one teacher frame still get an entry of 1 frame so they
-    appear in the index; their extraction is recorded as a failure.
-    """
-    counts = [(u, max(1, n)) for u, n in counts]
-    plan = plan_shards(counts, shard_frames)
-    if float_shard_frames is None:
-        return plan, None, None
-    # a float shard must hold the longest utterance (float shards are sized in bytes, not by the user)
-    float_shard_frames = max(float_shard_frames, max(n for _, n in counts))
-    groups, nested = [], []
-    for sh in plan.shards:
-        sub = plan_shards(list(zip(sh.utt_ids, sh.num_frames)), float_shard_frames)
-        nested.append(list(range(len(groups), len(groups) + sub.num_shards)))
-        groups.extend([list(zip(s.utt_ids, s.num_frames)) for s in sub.shards])
-    fplan = ShardPlan.from_groups(groups, float_shard_frames)
-    return plan, fplan, nested
-
-
-def float_shard_frames_for(dim: int, dtype: str, target_bytes: int = DEFAULT_FLOAT_SHARD_BYTES) -> int:
-    item = np.dtype(dtype).itemsize
-    return max(4096, int(target_bytes // (dim * item)))
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -308,7 +214,7 @@ def _teacher_meta(teacher) -> dict:
 def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHARD_FRAMES,
             float_shard_frames: int | None = None, manifest_storage_options: dict | None = None):
     """Validate inputs, plan the layout and create (or reopen, for resume) the output stores."""
-    from distill.mvq import MultiCodebookQuantizer
+    from distill.codec.quantizer import MultiCodebookQuantizer
     from distill.teachers import load_teacher
 
     utts = load_manifest(manifest, storage_options=manifest_storage_options) if isinstance(manifest, str) \
@@ -316,7 +222,7 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     if not utts:
         raise ExtractionError(f"manifest {manifest!r} has no utterances")
     check_unique_ids(utts)
-    utts = _probe_all(utts, manifest_storage_options)
+    utts = probe_all(utts, manifest_storage_options)
     teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
                            storage_options=cfg.storage_options or None)
     quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
@@ -325,9 +231,8 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
                               f"layer {cfg.layer} gives dim {teacher.dim}")
     counts = frame_counts(utts, teacher)
     floats = cfg.float_targets()
-    if floats and float_shard_frames is None:  # sized for the widest dtype; all float stores share one layout
-        float_shard_frames = float_shard_frames_for(teacher.dim, max((d for _, d in floats),
-                                                                     key=lambda d: np.dtype(d).itemsize))
+    if floats and float_shard_frames is None:
+        float_shard_frames = float_layout_frames(teacher.dim, [d for _, d in floats])
     plan, fplan, nested = plan_stores(counts, shard_frames, float_shard_frames if floats else None)
     meta = _teacher_meta(teacher)
     qstate = {"id": quantizer.quantizer_id, "config": quantizer.config, "arrays": quantizer.to_arrays()}
@@ -348,29 +253,6 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     for sh in sorted(plan.shards, key=lambda sh: (-sh.size, sh.index)):
         tasks.append((sh.index, [by_id[u] for u in sh.utt_ids], nested[sh.index] if nested else None))
     return plan, tasks
-
-
-# Dask settings of the embedded cluster: throughput over live introspection. Dask's statistical profiler wakes
-# every 10 ms in each worker to sample the task thread's stack, and every server ticks its event loop every 20 ms
-# and polls system metrics every 0.5 s; on 2 cores with 2 workers that cost ~2 CPU-seconds per 12 s run against
-# ~0.6 with these settings (the task threads got 0.89 vs 0.95 of the wall clock; bench/extract_scaling.py
-# --variants shipped,dask-defaults). Only the dashboard's Profile page and the refresh rate of its system plots
-# are lost; `profile=True` (`--dask-profile`) keeps Dask's defaults. Workers of an existing scheduler keep their
-# own settings (docs/cluster.md).
-LEAN_DASK_CONFIG = {"distributed.worker.profile.enabled": False,
-                    "distributed.admin.tick.interval": "1s",
-                    "distributed.admin.system-monitor.interval": "5s"}
-
-
-def embedded_cluster(workers: int, *, profile: bool = False, dashboard: bool | None = None):
-    """The job's LocalCluster: `workers` single-threaded processes, LEAN_DASK_CONFIG unless `profile`."""
-    import dask
-    from dask.distributed import LocalCluster
-
-    dashboard = _has_bokeh() if dashboard is None else dashboard
-    with dask.config.set({} if profile else LEAN_DASK_CONFIG):  # nannies pass this config to their workers
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                            dashboard_address=":0" if dashboard else None, silence_logs=40)
 
 
 def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, scheduler: str | None = None,
@@ -398,7 +280,7 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, schedul
             cluster = embedded_cluster(workers, profile=dask_profile)
             client = Client(cluster)
         try:
-            if _has_bokeh() and client.dashboard_link:
+            if has_bokeh() and client.dashboard_link:
                 log(f"Dask dashboard: {client.dashboard_link}")
             frames_todo = sum(plan.shards[i].size for i, _, _ in todo)
             futures = [client.submit(run_shard, cfg, i, utts, nested, key=f"ci-shard-{i}-{cfg.out}",
@@ -422,52 +304,3 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int = 2, schedul
         seconds_teacher=sum(r.seconds_teacher for r in results), failures=store.failures())
 
 
-def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-# ---------------------------------------------------------------- quantizer training data
-
-
-def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
-                  max_frames: int = 200_000, seed: int = 0, storage_options: dict | None = None,
-                  progress: bool = True) -> np.ndarray:
-    """Embed a seeded random sample of utterances drawn across the whole corpus (not the first N)."""
-    from tqdm.auto import tqdm
-
-    from distill.teachers import load_teacher
-
-    utts = load_manifest(manifest, storage_options=storage_options) if isinstance(manifest, str) else list(manifest)
-    check_unique_ids(utts)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(utts))
-    teacher = load_teacher(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
-    chunks, total, skipped = [], 0, []
-    bar = tqdm(total=min(num_utterances, len(utts)), desc="sample-frames", disable=not progress)
-    for idx in order[:num_utterances]:
-        u = utts[int(idx)]
-        try:
-            wave = read_audio(u, teacher.sample_rate, storage_options=storage_options,
-                              min_samples=teacher.min_samples)
-        except AudioError as e:
-            skipped.append((u.id, e.reason))
-            bar.update(1)
-            continue
-        emb = embed_utterance(teacher, u, wave)
-        if np.isfinite(emb).all() and emb.shape[0]:
-            chunks.append(emb)
-            total += emb.shape[0]
-        bar.update(1)
-        if total >= max_frames:
-            break
-    bar.close()
-    if not chunks:
-        raise ExtractionError(f"no usable utterance in the sample from {manifest!r}: {skipped[:5]}")
-    frames = np.concatenate(chunks)
-    if frames.shape[0] > max_frames:
-        frames = frames[np.sort(rng.choice(frames.shape[0], max_frames, replace=False))]
-    return frames

@@ -6,8 +6,10 @@ exactly `Utterance.num_samples_at(rate)` (ceil(n * to / from)) so frame counts a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -15,9 +17,9 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
-from distill.manifest import Utterance, compute_num_samples, resampled_length
+from distill.data.manifest import Utterance, compute_num_samples, resampled_length
 
-__all__ = ["AudioError", "read_audio", "resample"]
+__all__ = ["AudioError", "read_audio", "resample", "probe_utterance", "probe_missing"]
 
 # Same default as lhotse (LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE): headers are sometimes a few ms off.
 DURATION_TOLERANCE_S = 0.025
@@ -36,7 +38,7 @@ class AudioError(Exception):
 
 
 @contextmanager
-def _open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
+def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
     """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError."""
     try:
         f = fsspec.open(utt.audio, "rb", **(storage_options or {})).open()
@@ -117,7 +119,7 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
     NaN/Inf samples, and results shorter than `min_samples` (counted at `target_rate`).
     """
     target_rate = int(target_rate)
-    with _open_sound(utt, storage_options) as snd:
+    with open_sound(utt, storage_options) as snd:
         sr, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
         if utt.sample_rate is not None and utt.sample_rate != sr:
             raise AudioError(utt.id, f"sample rate mismatch: file is {sr} Hz, manifest says {utt.sample_rate} Hz",
@@ -164,3 +166,45 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
         raise AudioError(utt.id, f"audio too short: {n} samples at {target_rate} Hz < minimum {min_samples}",
                          utt.audio)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- probing
+
+def probe_utterance(utt: Utterance, storage_options: dict | None = None) -> Utterance:
+    """Fill sample_rate/num_samples/duration from the file header (soundfile.info) when the manifest lacks them.
+
+    Pure function of one utterance, so callers can map it over workers. Raises AudioError on unreadable files.
+    """
+    if utt.sample_rate is not None and utt.num_samples is not None and utt.duration is not None:
+        return utt
+    with open_sound(utt, storage_options) as snd:
+        sr, frames = int(snd.samplerate), int(snd.frames)
+    if utt.sample_rate is not None and utt.sample_rate != sr:
+        raise AudioError(utt.id, f"file {utt.audio} has sample rate {sr} Hz but the manifest says "
+                                 f"{utt.sample_rate} Hz")
+    n = utt.num_samples
+    if n is None:
+        if utt.duration is not None:
+            n = compute_num_samples(utt.duration, sr)
+        else:
+            n = max(frames - compute_num_samples(utt.offset, sr), 0)
+    dur = utt.duration if utt.duration is not None else n / sr
+    return dataclasses.replace(utt, sample_rate=sr, num_samples=n, duration=dur)
+
+
+def probe_missing(utts: list[Utterance], storage_options: dict | None = None, *,
+                  max_workers: int = 8) -> list[Utterance]:
+    """probe_utterance over the utterances that need it (threads: header reads are I/O bound); order kept."""
+    need = [i for i, u in enumerate(utts)
+            if u.sample_rate is None or u.num_samples is None or u.duration is None]
+    out = list(utts)
+    if not need:
+        return out
+    if max_workers <= 1 or len(need) == 1:
+        for i in need:
+            out[i] = probe_utterance(utts[i], storage_options)
+        return out
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(need))) as ex:
+        for i, u in zip(need, ex.map(lambda j: probe_utterance(utts[j], storage_options), need)):
+            out[i] = u
+    return out

@@ -12,7 +12,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .mvq_search import SearchTables, search_block
+from .search import SearchTables, search_block
 
 
 # ----------------------------------------------------------------------------------------------- input checking

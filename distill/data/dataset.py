@@ -5,7 +5,6 @@ fsspec/S3-backed zarr array opened before fork is bound to the parent's event lo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,17 +12,17 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ci_store import open_store
-from distill.alignment import IGNORE, align_labels, stack_factor
-from distill.audio import read_audio
-from distill.fbank import compute_fbank, num_fbank_frames
-from distill.manifest import Utterance, load_manifest
+from distill.data.alignment import IGNORE, align_labels, stack_factor
+from distill.data.audio import read_audio
+from distill.data.fbank import compute_fbank
+from distill.data.manifest import Utterance, load_manifest
 
 FBANK_RATE = 100.0  # fbank frames per second (10 ms shift)
 
 
 def student_frames(num_fbank: int, subsampling: int) -> int:
-    """Encoder frames after the student's conv subsampling (matches distill.student's out_lengths)."""
-    from distill.student import subsampled_length
+    """Encoder frames after the student's conv subsampling (matches distill.student.model's out_lengths)."""
+    from distill.student.model import subsampled_length
 
     return int(subsampled_length(num_fbank, subsampling))
 

@@ -15,7 +15,7 @@ import threading
 import fsspec
 import torch
 
-from distill.teacher_base import Teacher, min_samples_for, sha256_of_files
+from distill.teachers.base import Teacher, min_samples_for, sha256_of_files
 
 __all__ = ["HFTeacher", "load_hf_teacher", "is_hf_weight_file", "HF_SUPPORTED_MODEL_TYPES"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from distill.teacher_base import Teacher, min_samples_for
+from distill.teachers.base import Teacher, min_samples_for
 
 __all__ = ["NATIVE_FORMAT", "NATIVE_VERSION", "NativeTeacherConfig", "NativeTeacherModel", "NativeTeacherOutput",
            "NativeTeacher", "log_mel", "num_mel_frames", "mel_filterbank", "save_native_teacher",

@@ -1,0 +1,16 @@
+"""The extraction job: corpus -> teacher -> codec -> CI store, one Dask task per shard.
+
+- `planning`: exact frame counts and the shard layout (CI shards with float-label shards nested inside);
+- `job`: the shard task and the driver that runs the tasks on Dask, resumably;
+- `cluster`: the embedded LocalCluster's settings and per-worker tuning;
+- `frames`: a seeded sample of teacher frames for training the quantizer.
+"""
+from distill.extract.cluster import LEAN_DASK_CONFIG, embedded_cluster
+from distill.extract.frames import sample_frames
+from distill.extract.job import (DEFAULT_SHARD_FRAMES, ExtractionConfig, ExtractionReport, ShardResult,
+                                 embed_utterance, prepare, run_extraction, run_shard)
+from distill.extract.planning import ExtractionError, check_unique_ids, frame_counts, plan_stores
+
+__all__ = ["DEFAULT_SHARD_FRAMES", "ExtractionConfig", "ExtractionError", "ExtractionReport", "ShardResult",
+           "LEAN_DASK_CONFIG", "check_unique_ids", "embed_utterance", "embedded_cluster", "frame_counts",
+           "plan_stores", "prepare", "run_extraction", "run_shard", "sample_frames"]

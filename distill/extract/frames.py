@@ -1,0 +1,48 @@
+"""Teacher frames for training the quantizer: a seeded sample of utterances drawn across the whole corpus."""
+from __future__ import annotations
+
+import numpy as np
+
+from distill.data.audio import AudioError, read_audio
+from distill.data.manifest import load_manifest
+from distill.extract.job import embed_utterance
+from distill.extract.planning import ExtractionError, check_unique_ids
+
+def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
+                  max_frames: int = 200_000, seed: int = 0, storage_options: dict | None = None,
+                  progress: bool = True) -> np.ndarray:
+    """Embed a seeded random sample of utterances drawn across the whole corpus (not the first N)."""
+    from tqdm.auto import tqdm
+
+    from distill.teachers import load_teacher
+
+    utts = load_manifest(manifest, storage_options=storage_options) if isinstance(manifest, str) else list(manifest)
+    check_unique_ids(utts)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(utts))
+    teacher = load_teacher(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
+    chunks, total, skipped = [], 0, []
+    bar = tqdm(total=min(num_utterances, len(utts)), desc="sample-frames", disable=not progress)
+    for idx in order[:num_utterances]:
+        u = utts[int(idx)]
+        try:
+            wave = read_audio(u, teacher.sample_rate, storage_options=storage_options,
+                              min_samples=teacher.min_samples)
+        except AudioError as e:
+            skipped.append((u.id, e.reason))
+            bar.update(1)
+            continue
+        emb = embed_utterance(teacher, u, wave)
+        if np.isfinite(emb).all() and emb.shape[0]:
+            chunks.append(emb)
+            total += emb.shape[0]
+        bar.update(1)
+        if total >= max_frames:
+            break
+    bar.close()
+    if not chunks:
+        raise ExtractionError(f"no usable utterance in the sample from {manifest!r}: {skipped[:5]}")
+    frames = np.concatenate(chunks)
+    if frames.shape[0] > max_frames:
+        frames = frames[np.sort(rng.choice(frames.shape[0], max_frames, replace=False))]
+    return frames
