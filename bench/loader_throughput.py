@@ -13,7 +13,7 @@ Cases (label frames = 50 Hz teacher frames delivered in collated batches; loader
 DataLoader workers, i.e. the rate of one core):
   labels-only   the label path alone: store read + distill.data.alignment.align_labels + distill.data.dataset.collate
                 (features replaced by empty [T, 0] arrays so collate does no feature work), through a torch
-                DataLoader with distill.data.dataset.ShardBucketSampler (60 s batches, shard-grouped, shuffled):
+                DataLoader with distill.data.sampler.ShardBucketSampler (60 s batches, shard-grouped, shuffled):
                 (a) CI store on local disk, (b) CI store on loopback S3, (c) float32 labels from HDF5 (h5py),
                 plus the same CI cases reading each batch with one CIStore.get_many call.
   full example  distill.data.dataset.KDDataset + make_loader: audio read + fbank + tokens + labels, over the real
@@ -174,7 +174,8 @@ def time_loader(loader, budget_s: float) -> dict:
 
 
 def make_dl(dataset, durations, shards, max_seconds, seed=0):
-    from distill.data.dataset import ShardBucketSampler, collate
+    from distill.data.dataset import collate
+    from distill.data.sampler import ShardBucketSampler
 
     sampler = ShardBucketSampler(durations, shards, max_seconds=max_seconds, shuffle=True, seed=seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
@@ -242,7 +243,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from distill.data.alignment import stack_factor
-    from distill.data.dataset import FBANK_RATE, KDDataset, make_loader
+    from distill.data.dataset import FBANK_RATE, KDDataset
+    from distill.data.loader import make_loader
+    from distill.data.sampler import ShardBucketSampler
     from distill.data.manifest import load_manifest
     from distill.data.tokenizer import CharTokenizer
     from distill.student.trainer import TrainConfig
@@ -319,9 +322,13 @@ def main(argv=None) -> dict:
                                                      args.case_seconds)}
     print(f"  (c) HDF5 float32 local: {cases['(c) HDF5 float32 local']['label_frames_per_s']:,.0f} label frames/s")
 
+    def shuffled_batches(ds):
+        return ShardBucketSampler(ds.durations(), ds.shard_of(), max_seconds=args.max_seconds, shuffle=True,
+                                  seed=args.seed)
+
     def full_case(name, url, so):
         ds = KDDataset(real, tok, labels=url, storage_options=so)
-        dl = make_loader(ds, max_seconds=args.max_seconds, shuffle=True, seed=args.seed)
+        dl = make_loader(ds, shuffled_batches(ds))
         cases[name] = {"path": "full example", **time_loader(dl, args.case_seconds)}
         print(f"  {name}: {cases[name]['label_frames_per_s']:,.0f} label frames/s")
 
@@ -331,7 +338,7 @@ def main(argv=None) -> dict:
 
     # (d) training consumption on real batches of the corpus (collated once, outside the timing)
     ds = KDDataset(real, tok, labels=local_url)
-    batches = list(make_loader(ds, max_seconds=args.max_seconds, shuffle=True, seed=args.seed))
+    batches = list(make_loader(ds, shuffled_batches(ds)))
     student_cfg = {"vocab_size": tok.vocab_size, "kd_type": "mvq", "kd_stack": k, "num_codebooks": args.codebooks,
                    "codebook_size": 256}
     thread_counts = sorted({int(t) for t in args.train_threads.split(",")}) if args.train_threads \

@@ -8,7 +8,9 @@ import torch
 from ci_store import create, open_store, plan_shards
 from distill.data.alignment import IGNORE, AlignmentError
 from distill.data.audio import read_audio
-from distill.data.dataset import KDDataset, ShardBucketSampler, collate, make_loader, student_frames
+from distill.data.dataset import KDDataset, collate, student_frames
+from distill.data.loader import make_loader
+from distill.data.sampler import ShardBucketSampler
 from distill.data.fbank import compute_fbank
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer
@@ -131,7 +133,8 @@ def test_loader_workers_over_s3(stores, s3_bucket, context):
     utts = stores["utts"]
     ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=s3_url, storage_options=opts)
     _ = ds.store[utts[0].id]  # the parent reads first: workers must not reuse its event loop
-    loader = make_loader(ds, max_seconds=15, shuffle=True, num_workers=2, multiprocessing_context=context)
+    sampler = ShardBucketSampler(ds.durations(), ds.shard_of(), max_seconds=15, shuffle=True)
+    loader = make_loader(ds, sampler, num_workers=2, multiprocessing_context=context)
     seen = {}
     for batch in loader:
         for b, uid in enumerate(batch["ids"]):
@@ -163,3 +166,24 @@ def test_kd_type_must_match_store_kind(stores, tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="float-label store"):
         train_student(tiny_corpus["train"], str(tmp_path / "r"), labels=stores["codes"], cfg=cfg, student=TINY,
                       progress=False)
+
+
+def test_trainer_with_dataloader_workers_trains_the_same_model(stores, tiny_corpus, tmp_path):
+    """The trainer's own loader with 2 spawned workers (each opening the store itself) feeds exactly the batches
+    the in-process loader does: same log, bit-identical weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        cfg = TrainConfig(kd="mvq", epochs=2, max_seconds=20, lr=3e-3, warmup_steps=2, log_every=1,
+                          checkpoint_every=0, threads=1, num_workers=workers)
+        train_student(tiny_corpus["train"], str(run), labels=stores["codes"], cfg=cfg, student=TINY,
+                      progress=False)
+        log = [json.loads(l) for l in open(run / "log.jsonl")]
+        weights = {k: v for k, v in load_file(str(run / "last.safetensors")).items() if k.startswith("model.")}
+        runs[workers] = ([(r["step"], r["loss"], r["loss_kd"]) for r in log if "loss" in r], weights)
+    assert len(runs[0][0]) >= 4
+    assert runs[2][0] == runs[0][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[2][1][k]), k

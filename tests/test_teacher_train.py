@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from distill.data.manifest import ManifestError, Utterance, load_manifest
 from distill.teachers.native import NativeTeacherConfig, NativeTeacherModel
-from distill.teachers.training import (TeacherDataError, TeacherTrainConfig, _SpecAugment, bucket_batches,
+from distill.data.sampler import bucket_batches
+from distill.teachers.training import (TeacherDataError, TeacherTrainConfig, _SpecAugment,
                                    evaluate_ctc, greedy_ctc_decode, load_trained_teacher, suggested_layer,
                                    tokenizer_path, train_teacher)
 from distill.teachers import load_teacher

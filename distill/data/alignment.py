@@ -9,6 +9,8 @@ another frame rate, and is refused.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 IGNORE = -100  # cross-entropy ignore_index for padded CI labels
@@ -60,3 +62,14 @@ def align_labels(labels: np.ndarray, num_student_frames: int, k: int, *, utt_id:
     valid = np.zeros(need, dtype=bool)
     valid[:n] = True
     return out.reshape(num_student_frames, k * width), valid.reshape(num_student_frames, k)
+
+
+def subsampled_length(num_frames, subsampling: int = 4):
+    """Student encoder frames for `num_frames` fbank frames: ceil(num_frames / subsampling) (int or integer tensor).
+
+    The student's conv front end (distill.student.model.Conv2dSubsampling) produces exactly this many frames; labels
+    are aligned to it here, so the data layer needs no import of the model."""
+    n = num_frames
+    for _ in range(int(math.log2(subsampling))):
+        n = (n + 1) // 2  # conv kernel 3, stride 2, padding 1
+    return n

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from ci_store import open_store
-from distill.data.alignment import IGNORE, align_labels, stack_factor
+from distill.data.alignment import IGNORE, align_labels, stack_factor, subsampled_length
 from distill.data.audio import read_audio
 from distill.data.fbank import compute_fbank
 from distill.data.manifest import Utterance, load_manifest
@@ -21,9 +21,7 @@ FBANK_RATE = 100.0  # fbank frames per second (10 ms shift)
 
 
 def student_frames(num_fbank: int, subsampling: int) -> int:
-    """Encoder frames after the student's conv subsampling (matches distill.student.model's out_lengths)."""
-    from distill.student.model import subsampled_length
-
+    """Encoder frames after the student's conv subsampling."""
     return int(subsampled_length(num_fbank, subsampling))
 
 
@@ -174,68 +172,3 @@ def collate(examples: list[Example]) -> dict:
         batch["labels"] = labels
         batch["label_mask"] = mask
     return batch
-
-
-class ShardBucketSampler(Sampler):
-    """Batches of similar duration, capped by total seconds, with reads grouped by store shard.
-
-    Utterances are sorted by (shard, duration) and cut into batches, so one batch mostly reads one shard
-    (coalesced object-store requests) and pads little; batch order is shuffled per epoch with a seed.
-    """
-
-    def __init__(self, durations, shards=None, *, max_seconds: float = 60.0, shuffle: bool = True,
-                 seed: int = 0, bucket_by_shard: bool = True):
-        self.durations = np.asarray(durations, dtype=np.float64)
-        self.shards = np.zeros(len(self.durations), np.int64) if shards is None else np.asarray(shards)
-        self.max_seconds = max_seconds
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        keys = (self.durations, self.shards) if bucket_by_shard else (self.durations,)
-        order = np.lexsort(keys)
-        self._batches: list[list[int]] = []
-        cur, longest = [], 0.0
-        for i in order:
-            d = self.durations[i]
-            new_longest = max(longest, d)
-            if cur and (new_longest * (len(cur) + 1) > max_seconds
-                        or (bucket_by_shard and self.shards[i] != self.shards[cur[-1]])):
-                self._batches.append(cur)
-                cur, new_longest = [], d
-            cur.append(int(i))
-            longest = new_longest
-        if cur:
-            self._batches.append(cur)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        idx = np.arange(len(self._batches))
-        if self.shuffle:
-            idx = np.random.default_rng(self.seed + self.epoch).permutation(len(self._batches))
-        for j in idx:
-            yield list(self._batches[j])
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-
-def worker_init(_worker_id: int) -> None:
-    """Each DataLoader worker opens its own store handle and runs torch single-threaded."""
-    torch.set_num_threads(1)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset, "_store"):
-        info.dataset._store = None
-
-
-def make_loader(dataset: KDDataset, *, max_seconds: float = 60.0, shuffle: bool = True, seed: int = 0,
-                num_workers: int = 0, multiprocessing_context: str | None = None):
-    sampler = ShardBucketSampler(dataset.durations(), dataset.shard_of(), max_seconds=max_seconds,
-                                 shuffle=shuffle, seed=seed)
-    kwargs = {}
-    if num_workers:
-        kwargs = {"worker_init_fn": worker_init, "persistent_workers": False,
-                  "multiprocessing_context": multiprocessing_context}
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, **kwargs)

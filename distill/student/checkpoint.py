@@ -6,10 +6,11 @@ torch RNG state (dropout), and the position in the epoch; hyper-parameters and c
 from __future__ import annotations
 
 import json
-import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ci_store.fsio import replace_file
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -26,12 +27,8 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
                     "scalars": {str(pid): {n: v for n, v in st.items() if not torch.is_tensor(v)}
                                 for pid, st in sd["state"].items()}}
     tensors["rng.torch"] = torch.get_rng_state()
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "ci-store-checkpoint", "version": "1"})
-    os.replace(tmp, path)
-    with open(_meta_path(path) + ".tmp", "w") as f:
-        json.dump({**meta, "optimizer": opt_meta}, f, indent=1)
-    os.replace(_meta_path(path) + ".tmp", _meta_path(path))
+    replace_file(path, save(tensors, metadata={"format": "ci-store-checkpoint", "version": "1"}))
+    replace_file(_meta_path(path), json.dumps({**meta, "optimizer": opt_meta}, indent=1).encode("utf-8"))
 
 
 def _meta_path(path: str) -> str:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.data.alignment import subsampled_length
 from distill.student.kd_losses import build_kd_head
 from distill.student.rnnt_loss import rnnt_loss
 
@@ -98,14 +99,6 @@ class StudentConfig:
     @classmethod
     def from_json(cls, s: str) -> "StudentConfig":
         return cls.from_dict(json.loads(s))
-
-
-def subsampled_length(num_frames, subsampling: int = 4):
-    """Encoder frames for `num_frames` fbank frames: ceil(num_frames / subsampling) (int or integer tensor)."""
-    n = num_frames
-    for _ in range(int(math.log2(subsampling))):
-        n = (n + 1) // 2  # conv kernel 3, stride 2, padding 1
-    return n
 
 
 def _length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:

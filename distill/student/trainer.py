@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,9 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
-from distill.data.dataset import KDDataset, ShardBucketSampler, collate, worker_init
+from distill.data.dataset import KDDataset
+from distill.data.loader import make_loader
+from distill.data.sampler import ShardBucketSampler
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
+from distill.schedule import warmup_cosine_lr
 
 
 @dataclass
@@ -58,26 +60,10 @@ class _SkipFirst(torch.utils.data.Sampler):
         return max(0, len(self.inner) - self.skip)
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to final_lr_ratio x lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def build_model(student_cfg: dict):
     from distill.student.model import StudentConfig, Transducer
 
     return Transducer(StudentConfig(**student_cfg))
-
-
-def _loader(ds: KDDataset, sampler, cfg: TrainConfig, seed: int):
-    kwargs = {}
-    if cfg.num_workers:
-        kwargs = {"worker_init_fn": worker_init, "multiprocessing_context": "spawn"}
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                                       generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def train_student(train_manifest, out_dir: str, *, labels: str | None = None, dev_manifest=None,
@@ -158,13 +144,15 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
 
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch)
-        loader = _loader(ds, _SkipFirst(sampler, batch_in_epoch), cfg, cfg.seed * 1000 + epoch)
+        loader = make_loader(ds, _SkipFirst(sampler, batch_in_epoch), num_workers=cfg.num_workers,
+                             seed=cfg.seed * 1000 + epoch)
         model.train()
         bar = tqdm(loader, total=len(sampler), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, dynamic_ncols=True)
         for batch in bar:
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_steps, cfg)
+                g["lr"] = warmup_cosine_lr(step, total_steps, peak=cfg.lr, warmup=cfg.warmup_steps,
+                                           final_ratio=cfg.final_lr_ratio)
             total, parts = model.compute_loss(batch, kd_scale=cfg.kd_scale)
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -228,7 +216,7 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
     ds = KDDataset(utts, tokenizer, storage_options=storage_options, feature_cache=feature_cache)
     sampler = ShardBucketSampler(ds.durations(), None, max_seconds=max_seconds, shuffle=False)
     refs, hyps, ids = [], [], []
-    for batch in torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate):
+    for batch in make_loader(ds, sampler):
         out = greedy_search(model, batch["feats"], batch["feat_lens"])
         hyps += [tokenizer.decode(h) for h in out]
         refs += [normalize_text(t) for t in batch["texts"]]

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ci_store.fsio import replace_file
 from distill.data.audio import resample
 from distill.data.manifest import Utterance
 from distill.data.writing import write_jsonl_manifest, write_lhotse_cuts
@@ -217,18 +218,19 @@ def _render(spec: _Spec, seed: int, rate: int, trim: bool) -> np.ndarray:
 
 
 def _write_audio(path: str, samples: np.ndarray, rate: int) -> int:
-    """Write atomically (temp name + rename); returns the sample count read back from the file."""
+    """Encode in memory, check by reading the header back, then write atomically; returns the sample count."""
+    import io
+
     import soundfile as sf
 
-    fmt = "FLAC" if path.endswith(".flac") else "WAV"
-    tmp = path + ".tmp"
-    sf.write(tmp, samples, rate, format=fmt, subtype="PCM_16")
-    info = sf.info(tmp)
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="FLAC" if path.endswith(".flac") else "WAV", subtype="PCM_16")
+    buf.seek(0)
+    info = sf.info(buf)
     if info.samplerate != rate or info.channels != 1 or info.frames != samples.size:
-        os.unlink(tmp)
         raise CorpusError(f"{path}: read back {info.frames} samples at {info.samplerate} Hz x {info.channels} ch, "
                           f"wrote {samples.size} at {rate} Hz mono")
-    os.replace(tmp, path)
+    replace_file(path, buf.getvalue())
     return int(info.frames)
 
 
@@ -400,7 +402,5 @@ def make_corpus(out_dir: str, hours: float = 10.0, dev_hours: float | None = Non
         "sentence_pools": {s: len(p) for s, p in pools.items()},
         "voices": voices,
     }
-    with open(os.path.join(out_dir, "corpus.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out_dir, "corpus.json.tmp"), os.path.join(out_dir, "corpus.json"))
+    replace_file(os.path.join(out_dir, "corpus.json"), json.dumps(summary, indent=1).encode("utf-8"))
     return paths

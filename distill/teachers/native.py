@@ -20,9 +20,9 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+from ci_store.fsio import write_file
 from distill.teachers.base import Teacher, min_samples_for
 
 __all__ = ["NATIVE_FORMAT", "NATIVE_VERSION", "NativeTeacherConfig", "NativeTeacherModel", "NativeTeacherOutput",
@@ -265,16 +265,7 @@ def save_native_teacher(model, path: str, *, storage_options: dict | None = None
     meta = {"format": NATIVE_FORMAT, "version": str(NATIVE_VERSION),
             "config": json.dumps(model.config.to_dict(), sort_keys=True)}
     data = _canonical_header(save(state, metadata=meta))
-    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(os.path.abspath(p)) or ".", exist_ok=True)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    else:
-        with fs.open(p, "wb") as f:
-            f.write(data)
+    write_file(path, data, storage_options)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -27,14 +27,17 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
+from ci_store.fsio import write_file
 from distill.data.audio import read_audio
 from distill.data.manifest import Utterance, load_manifest
+from distill.data.sampler import bucket_batches
+from distill.schedule import warmup_cosine_lr
 from distill.teachers.native import (NativeTeacherConfig, NativeTeacherModel, load_native_model, num_mel_frames,
                                     save_native_teacher)
 from distill.data.tokenizer import CharTokenizer, normalize_text
 
 __all__ = ["TeacherTrainConfig", "TeacherTrainResult", "train_teacher", "evaluate_ctc", "greedy_ctc_decode",
-           "load_trained_teacher", "tokenizer_path", "suggested_layer", "bucket_batches", "TeacherDataError"]
+           "load_trained_teacher", "tokenizer_path", "suggested_layer", "TeacherDataError"]
 
 
 class TeacherDataError(ValueError):
@@ -192,43 +195,6 @@ def _items(utts: list[Utterance], tok: CharTokenizer, cfg: TeacherTrainConfig, f
     return items, skipped
 
 
-def bucket_batches(lengths: Sequence[int], max_samples: int, rng: np.random.Generator | None,
-                   num_buckets: int = 10) -> list[list[int]]:
-    """Duration-bucketed batches: sort by length, cut into `num_buckets` groups of similar total length,
-    shuffle inside each group (rng), then fill batches while the padded size (count x longest) stays within
-    `max_samples`; an item longer than that is a batch on its own. Batch order is shuffled too (rng=None:
-    sorted, unshuffled, for evaluation)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    total = float(sum(lengths)) or 1.0
-    groups, cur, acc = [], [], 0.0
-    for i in order:
-        cur.append(i)
-        acc += lengths[i]
-        if acc >= total * (len(groups) + 1) / num_buckets and len(groups) < num_buckets - 1:
-            groups.append(cur)
-            cur = []
-    if cur:
-        groups.append(cur)
-    batches = []
-    for g in groups:
-        g = list(g)
-        if rng is not None:
-            rng.shuffle(g)
-        b, longest = [], 0
-        for i in g:
-            m = max(longest, lengths[i])
-            if b and m * (len(b) + 1) > max_samples:
-                batches.append(b)
-                b, m = [], lengths[i]
-            b.append(i)
-            longest = m
-        if b:
-            batches.append(b)
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
-
-
 class _Audio:
     """Waveforms by item index: decoded once into memory (cache) or read on demand."""
 
@@ -364,7 +330,8 @@ def evaluate_ctc(model: NativeTeacherModel, tokenizer, utts, *, max_seconds_per_
         items, _ = _items(_as_utts(utts, "dev"), tokenizer, cfg, model.num_frames, "dev", train=False)
         cache = _Audio(items, cfg.sample_rate, False, num_workers, progress, "dev")
     items = cache.items
-    batches = bucket_batches([it.num_samples for it in items], int(max_seconds_per_batch * cfg.sample_rate), None)
+    batches = bucket_batches([it.num_samples for it in items], int(max_seconds_per_batch * cfg.sample_rate), None,
+                             num_buckets=10)
     was_training = model.training
     model.eval()
     hyps: dict[int, str] = {}
@@ -387,27 +354,7 @@ def evaluate_ctc(model: NativeTeacherModel, tokenizer, utts, *, max_seconds_per_
             "examples": [(refs[i], hyp[i]) for i in range(min(3, len(items)))]}
 
 
-def _lr_at(step: int, total: int, warmup: int, cfg: TeacherTrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
-
 # ------------------------------------------------------------------------------------------------ training
-
-def _write_text(path: str, text: str, storage_options: dict | None) -> None:
-    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    else:
-        with fs.open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-
 
 def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, dev=None,
                   log_path: str | None = "auto", progress: bool = True, storage_options: dict | None = None,
@@ -483,7 +430,7 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
 
     history, step, sha = [], 0, ""
     tok_json = json.dumps(tok.to_json(), ensure_ascii=False, indent=1)
-    _write_text(tokenizer_path(out), tok_json, storage_options)
+    write_file(tokenizer_path(out), tok_json.encode("utf-8"), storage_options)
     try:
         model.train()
         for epoch in range(1, cfg.epochs + 1):
@@ -495,7 +442,7 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                        dynamic_ncols=True)
             for x, lens, tg, tl, _ in _iterate(audio, items, batches, cfg.num_workers):
-                lr = _lr_at(step, total, warmup, cfg)
+                lr = warmup_cosine_lr(step, total, peak=cfg.lr, warmup=warmup, final_ratio=cfg.min_lr_ratio)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 if aug:
@@ -552,7 +499,7 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
                "skipped": skipped, "steps": step, "wall_seconds": round(wall, 1), "history": history,
                "suggested_layer": layer}
     summary_path = f"{out}.train.json"
-    _write_text(summary_path, json.dumps(summary, indent=1), storage_options)
+    write_file(summary_path, json.dumps(summary, indent=1).encode("utf-8"), storage_options)
     return TeacherTrainResult(model=model, tokenizer=tok, checkpoint=out, checkpoint_sha256=sha,
                               tokenizer_path=tokenizer_path(out), summary_path=summary_path, log_path=log_path,
                               history=history, skipped=skipped, steps=step, train_seconds=train_seconds,
