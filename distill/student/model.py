@@ -14,8 +14,6 @@ Design points that matter for correctness:
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.config import JSONConfig
 from distill.data.alignment import subsampled_length
 from distill.student.kd_losses import build_kd_head
 from distill.student.rnnt_loss import rnnt_loss
@@ -32,7 +31,7 @@ __all__ = ["StudentConfig", "Transducer", "subsampled_length", "ConformerEncoder
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(JSONConfig):
     """Everything needed to rebuild the student; `to_dict`/`from_dict` round-trip through JSON."""
 
     vocab_size: int
@@ -81,24 +80,6 @@ class StudentConfig:
             errors.append(f"kd_stack={self.kd_stack} must be >= 1")
         if errors:
             raise ValueError("invalid StudentConfig: " + "; ".join(errors))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StudentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"StudentConfig: unknown fields {unknown}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "StudentConfig":
-        return cls.from_dict(json.loads(s))
 
 
 def _length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ resumes from `last`; the result is the same as an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
 from distill.data.dataset import KDDataset
 from distill.data.loader import make_loader
@@ -25,7 +25,7 @@ from distill.schedule import warmup_cosine_lr
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JSONConfig):
     kd: str = "none"  # none | mvq | l1 | l2
     kd_scale: float = 1.0
     epochs: int = 10
@@ -40,9 +40,6 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # steps; also at every epoch end
     cache_features: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class _SkipFirst(torch.utils.data.Sampler):

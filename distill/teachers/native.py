@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ci_store.fsio import write_file
+from distill.config import JSONConfig
 from distill.teachers.base import Teacher, min_samples_for
 
 __all__ = ["NATIVE_FORMAT", "NATIVE_VERSION", "NativeTeacherConfig", "NativeTeacherModel", "NativeTeacherOutput",
@@ -87,7 +88,7 @@ def log_mel(wave: torch.Tensor, sample_rate: int, num_mels: int = 80, *, filterb
 # ---------------------------------------------------------------------------------------------- model
 
 @dataclass
-class NativeTeacherConfig:
+class NativeTeacherConfig(JSONConfig):
     """Hyper-parameters of NativeTeacherModel; stored as JSON in the checkpoint metadata."""
 
     sample_rate: int = 16000
@@ -104,17 +105,6 @@ class NativeTeacherConfig:
             raise ValueError(f"d_model {self.d_model} must be divisible by num_heads {self.num_heads}")
         if self.num_layers < 1:
             raise ValueError("num_layers must be >= 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NativeTeacherConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown native teacher config keys: {unknown}")
-        return cls(**d)
 
 
 class NativeTeacherOutput(NamedTuple):

@@ -12,7 +12,6 @@ losses. Everything is a function of the seed (same seed, threads and data -> ide
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from ci_store.fsio import write_file
+from distill.config import JSONConfig
 from distill.data.audio import read_audio
 from distill.data.manifest import Utterance, load_manifest
 from distill.data.sampler import bucket_batches
@@ -45,7 +45,7 @@ class TeacherDataError(ValueError):
 
 
 @dataclass
-class TeacherTrainConfig:
+class TeacherTrainConfig(JSONConfig):
     """Model size and optimisation. Defaults: ~5 M parameters, measured ~25-40 s of audio per wall second of
     training with 2 CPU threads (less on a loaded machine), i.e. 1.5-2.5 min per epoch of 1 h of audio."""
 
@@ -93,9 +93,6 @@ class TeacherTrainConfig:
         return NativeTeacherConfig(sample_rate=self.sample_rate, num_mels=self.num_mels, d_model=self.d_model,
                                    num_heads=self.num_heads, ffn_dim=self.ffn_dim or 4 * self.d_model,
                                    num_layers=self.num_layers, dropout=self.dropout, vocab_size=vocab_size)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
