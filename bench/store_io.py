@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import sys
@@ -34,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ci_store import create, open_store, plan_shards  # noqa: E402
 from ci_store.stats import storage_bytes  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import start_moto  # noqa: E402
 
 SHARED_EMBEDDINGS = "/work/shared/bench/make_embeddings.py"
 
@@ -169,22 +171,6 @@ def hdf5_reader(fileobj_or_path):
     return (lambda u: f[u][()]), f
 
 
-def start_s3():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "eu-west-1"}.items():
-        os.environ.setdefault(k, v)
-    from moto.server import ThreadedMotoServer
-    import s3fs
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}",
-            "client_kwargs": {"region_name": "eu-west-1"}}
-    s3fs.S3FileSystem(**opts).mkdir("bench")
-    return server, opts
-
-
 # --- main -------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -306,7 +292,7 @@ def main(argv=None):
 
     # 5. S3
     if a.s3_reads > 0:
-        server, opts = start_s3()
+        server, opts = start_moto()
         try:
             n = min(a.s3_frames, len(codes))
             sub_len, acc = [], 0
