@@ -283,3 +283,16 @@ def test_embedded_cluster_workers_skip_the_profiler_unless_asked(profile):
     else:
         assert all(w == {"tick": 1000, "monitor": 5000} for w in workers), workers
         assert scheduler["tick"] == 1000
+
+
+def test_lhotse_shar_input_extracts_the_same_store(reference, corpus, models, tmp_path):
+    """The corpus as Lhotse Shar (audio re-encoded into tar shards by lhotse) yields a byte-identical store."""
+    from lhotse import CutSet
+
+    shar = tmp_path / "shar"
+    shar.mkdir()
+    CutSet.from_file(corpus["train"]).to_shar(str(shar), fields={"recording": "flac"}, shard_size=5)
+    out = tmp_path / "store"
+    rep = run_extraction(str(shar), _cfg(models, out), workers=1, shard_frames=SHARD, progress=False)
+    assert rep.ok and rep.num_shards >= 3
+    assert _files(out) == _files(reference)

@@ -1,4 +1,4 @@
-"""Manifests: plain JSONL and lhotse cuts/recordings/supervisions parsed without lhotse, round trips, errors."""
+"""Manifests: plain JSONL and lhotse cuts/recordings/supervisions (parsed by lhotse) and Shar, round trips, errors."""
 import gzip
 import json
 import os
@@ -123,17 +123,21 @@ def test_lhotse_cuts(tmp_path):
 def test_lhotse_cut_errors(tmp_path):
     rec = _recording("r", "/r.wav")
     cases = [
-        ({"id": "x", "start": 0, "duration": 1, "channel": 0, "recording": {**rec, "transforms": [
-            {"name": "Speed", "kwargs": {"factor": 1.1}}]}, "type": "MonoCut"}, "transform 'Speed'"),
-        ({"id": "x", "start": 0, "duration": 1, "type": "MonoCut", "features": {}}, "no recording"),
+        ({"id": "x", "start": 0, "duration": 1, "channel": 0, "type": "MonoCut", "features": {
+            "type": "kaldi-fbank", "num_frames": 100, "num_features": 80, "frame_shift": 0.01, "sampling_rate": 16000,
+            "start": 0, "duration": 1, "storage_type": "lilcom_files", "storage_path": "/f", "storage_key": "x"}},
+         "no recording"),
         ({"id": "x", "start": 0, "duration": 1, "channel": 3, "recording": rec, "type": "MonoCut"}, "channel 3"),
-        ({"id": "x", "start": 0, "duration": 1, "type": "MixedCut", "tracks": []}, "'MixedCut' is not supported"),
+        ({"id": "x", "start": 0, "duration": 1, "type": "PaddingCut", "feat_value": 0, "num_frames": 100,
+          "num_features": 80, "frame_shift": 0.01, "sampling_rate": 16000, "num_samples": 16000}, "PaddingCut"),
         ({"id": "x", "start": 0, "channel": 0, "recording": rec, "type": "MonoCut"}, "'duration'"),
+        ({"id": "x", "start": 0, "duration": 1, "type": "TurboCut"}, "not a valid lhotse item"),
     ]
     for n, (cut, msg) in enumerate(cases):
         path = _write_jsonl(tmp_path / f"c{n}.jsonl", [cut])
-        with pytest.raises(ManifestError, match=msg):
+        with pytest.raises(ManifestError, match=msg) as e:
             load_manifest(path)
+        assert f"c{n}.jsonl:1" in str(e.value)
     # a Resample transform is fine: the file is read at its original rate and resampled by read_audio
     rs = {**rec, "sampling_rate": 16000, "num_samples": 16000, "duration": 1.0,
           "transforms": [{"name": "Resample", "kwargs": {"source_sampling_rate": 44100,
@@ -229,3 +233,59 @@ def test_manifest_on_s3(tmp_path, s3_bucket):
     (c,) = load_manifest(f"{url}/cuts.jsonl.gz", storage_options=so)
     assert (c.id, c.num_samples, c.text) == ("a", 8000, "hi")
     assert load_manifest(f"{url}/plain.jsonl", storage_options=so) == utts
+
+
+def _lhotse_corpus(tmp_path):
+    """Three utterances as lhotse writes them: cuts of two real files, one starting inside its recording."""
+    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+
+    rng = np.random.default_rng(3)
+    for name, n in (("a", 24000), ("b", 40000)):
+        sf.write(str(tmp_path / f"{name}.wav"), (0.3 * rng.standard_normal(n)).astype(np.float32), 16000,
+                 subtype="PCM_16")
+    ra, rb = (Recording.from_file(str(tmp_path / f"{x}.wav"), recording_id=x) for x in "ab")
+    sup = lambda cid, d, t: [SupervisionSegment(id=cid, recording_id="r", start=0, duration=d, text=t)]  # noqa
+    return CutSet.from_cuts([
+        MonoCut(id="u1", start=0.0, duration=1.5, channel=0, recording=ra, supervisions=sup("u1", 1.5, "one")),
+        MonoCut(id="u2", start=0.3, duration=1.2, channel=0, recording=rb, supervisions=sup("u2", 1.2, "two")),
+        MonoCut(id="u3", start=1.6, duration=0.9, channel=0, recording=rb, supervisions=sup("u3", 0.9, "three")),
+    ])
+
+
+def test_lhotse_shar_reads_the_same_audio_as_jsonl(tmp_path):
+    """A CutSet exported as Lhotse Shar (audio inside tar shards) gives the same utterances and samples."""
+    from distill.data.audio import read_audio
+
+    cuts = _lhotse_corpus(tmp_path)
+    cuts.to_file(str(tmp_path / "cuts.jsonl.gz"))
+    (tmp_path / "shar").mkdir()
+    cuts.to_shar(str(tmp_path / "shar"), fields={"recording": "flac"}, shard_size=2)
+    plain, shar = load_manifest(str(tmp_path / "cuts.jsonl.gz")), load_manifest(str(tmp_path / "shar"))
+    assert [u.id for u in shar] == [u.id for u in plain] == ["u1", "u2", "u3"]
+    assert [u.audio.split("::")[0] for u in shar] == ["tar://u1.flac", "tar://u2.flac", "tar://u3.flac"]
+    for p, s in zip(plain, shar):
+        assert (p.num_samples_at(16000), p.text) == (s.num_samples_at(16000), s.text)
+        np.testing.assert_array_equal(read_audio(p, 16000), read_audio(s, 16000))
+    assert plain[1].offset == 0.3 and shar[1].offset == 0.0  # Shar stores each cut's own audio
+
+
+def test_speed_perturbed_and_mixed_cuts_are_read_as_lhotse_renders_them(tmp_path):
+    """What the teacher would hear: lhotse's own rendering of perturbed and mixed cuts, resampled by us."""
+    from lhotse import CutSet
+
+    from distill.data.audio import read_audio, resample
+
+    cuts = _lhotse_corpus(tmp_path)
+    fast = cuts[1].perturb_speed(1.1)
+    mixed = cuts[0].mix(cuts[2], offset_other_by=0.2)
+    CutSet.from_cuts([fast, mixed]).to_file(str(tmp_path / "aug.jsonl.gz"))
+    uf, um = load_manifest(str(tmp_path / "aug.jsonl.gz"))
+    assert uf.id == fast.id and uf.num_samples == fast.num_samples and uf.lhotse_cut is not None
+    assert um.num_samples == mixed.num_samples and um.text == "one three"
+    for u, c in ((uf, fast), (um, mixed)):
+        got = read_audio(u, 8000)
+        assert len(got) == u.num_samples_at(8000)
+        np.testing.assert_allclose(got, resample(c.load_audio()[0], 16000, 8000), atol=1e-6)
+    # plain cuts (one file, no transform) still go through our own fsspec reader
+    cuts.to_file(str(tmp_path / "plain.jsonl.gz"))
+    assert all(u.lhotse_cut is None for u in load_manifest(str(tmp_path / "plain.jsonl.gz")))

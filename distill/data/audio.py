@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,7 +42,11 @@ class AudioError(Exception):
 def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
     """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError."""
     try:
-        f = fsspec.open(utt.audio, "rb", **(storage_options or {})).open()
+        if "::" in utt.audio:  # a member of an archive (Lhotse Shar: tar://ID.flac::SHARD.tar): read it whole
+            fs, member = fsspec.core.url_to_fs(utt.audio, **(storage_options or {}))
+            f = io.BytesIO(fs.cat_file(member))
+        else:
+            f = fsspec.open(utt.audio, "rb", **(storage_options or {})).open()
     except FileNotFoundError:
         raise AudioError(utt.id, "audio file not found", utt.audio) from None
     except Exception as e:  # permissions, directories, bad URLs, network: all fatal for this utterance
@@ -119,6 +124,9 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
     NaN/Inf samples, and results shorter than `min_samples` (counted at `target_rate`).
     """
     target_rate = int(target_rate)
+    if utt.lhotse_cut is not None:
+        mono, sr, want = _render_lhotse_cut(utt), int(utt.sample_rate), int(utt.num_samples)
+        return _finish(utt, mono, sr, want, target_rate, min_samples)
     with open_sound(utt, storage_options) as snd:
         sr, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
         if utt.sample_rate is not None and utt.sample_rate != sr:
@@ -155,6 +163,27 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
                                      f"{data.shape[0]} ({short / sr:.3f}s short)", utt.audio)
         data = np.pad(data, ((0, short), (0, 0)), mode="edge")  # lhotse-style tolerance for header rounding
     mono = data[:, utt.channel] if utt.channel is not None else data.mean(axis=1, dtype=np.float64)
+    return _finish(utt, mono, sr, want, target_rate, min_samples)
+
+
+def _render_lhotse_cut(utt: Utterance) -> np.ndarray:
+    """What lhotse plays for the cut (speed/tempo/volume transforms applied, tracks mixed), downmixed to mono."""
+    from lhotse.serialization import deserialize_item
+
+    try:
+        audio = deserialize_item(utt.lhotse_cut).load_audio()
+    except Exception as e:  # missing files, unreadable sources, unsupported transforms
+        raise AudioError(utt.id, f"lhotse could not load the cut's audio ({type(e).__name__}: {e})",
+                         utt.audio) from None
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1, np.shape(audio)[-1])
+    if audio.shape[-1] != utt.num_samples:
+        raise AudioError(utt.id, f"lhotse rendered {audio.shape[-1]} samples, the cut says {utt.num_samples}",
+                         utt.audio)
+    return audio[0] if audio.shape[0] == 1 else audio.mean(axis=0, dtype=np.float64)
+
+
+def _finish(utt: Utterance, mono: np.ndarray, sr: int, want: int, target_rate: int, min_samples: int) -> np.ndarray:
+    """Checks shared by both readers, then resampling to exactly `resampled_length(want)` samples."""
     if not np.isfinite(mono).all():
         bad = int(np.count_nonzero(~np.isfinite(mono)))
         raise AudioError(utt.id, f"audio contains {bad} NaN/Inf sample(s)", utt.audio)

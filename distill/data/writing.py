@@ -47,12 +47,17 @@ def write_jsonl_manifest(utts: Iterable[Utterance], path: str, *, storage_option
 
 def write_lhotse_cuts(utts: Iterable[Utterance], path: str, *, storage_options: dict | None = None,
                       probe: bool = True, language: str | None = None) -> None:
-    """Write a lhotse CutSet (MonoCut per utterance, embedded Recording + one SupervisionSegment).
+    """Write a lhotse CutSet built with lhotse's own classes (MonoCut per utterance, MultiCut for a downmix;
+    embedded Recording + one SupervisionSegment).
 
     With `probe=True` the audio headers are read (once per file) so each Recording carries the file's true
     channel count and length, as lhotse expects; with `probe=False` files are assumed mono and the recording is
     taken to end where the utterance ends. Utterances sharing a file share a recording id.
     """
+    from lhotse import MonoCut, Recording, SupervisionSegment
+    from lhotse.audio import AudioSource
+    from lhotse.cut import MultiCut
+
     utts = list(utts)
     check_unique(utts, str(path))
     headers: dict[str, tuple[int, int, int]] = {}  # audio -> (rate, frames, channels)
@@ -106,26 +111,15 @@ def write_lhotse_cuts(utts: Iterable[Utterance], path: str, *, storage_options: 
                 raise ManifestError(f"utterance {u.id!r}: channel {u.channel} but {u.audio} has {chans} channel(s)")
             channel = u.channel
         rid = rec_ids[u.audio]
-        recording = {
-            "id": rid,
-            "sources": [{"type": "url" if "://" in u.audio else "file",
-                         "channels": list(range(chans)), "source": u.audio}],
-            "sampling_rate": sr,
-            "num_samples": frames,
-            "duration": frames / sr,
-            "channel_ids": list(range(chans)),
-        }
-        sup: dict[str, Any] = {"id": u.id, "recording_id": rid, "start": 0.0, "duration": duration,
-                               "channel": channel}
-        if u.text is not None:
-            sup["text"] = u.text
-        if language is not None:
-            sup["language"] = language
-        if u.speaker is not None:
-            sup["speaker"] = u.speaker
-        cut = {"id": u.id, "start": u.offset, "duration": duration, "channel": channel,
-               "supervisions": [sup], "recording": recording,
-               "type": "MonoCut" if isinstance(channel, int) else "MultiCut"}
-        return json.dumps(cut, ensure_ascii=False) + "\n"
+        recording = Recording(id=rid, sources=[AudioSource(type="url" if "://" in u.audio else "file",
+                                                           channels=list(range(chans)), source=u.audio)],
+                              sampling_rate=sr, num_samples=frames, duration=frames / sr,
+                              channel_ids=list(range(chans)))
+        sup = SupervisionSegment(id=u.id, recording_id=rid, start=0.0, duration=duration, channel=channel,
+                                 text=u.text, language=language, speaker=u.speaker)
+        kind = MonoCut if isinstance(channel, int) else MultiCut
+        cut = kind(id=u.id, start=u.offset, duration=duration, channel=channel, supervisions=[sup],
+                   recording=recording)
+        return json.dumps(cut.to_dict(), ensure_ascii=False) + "\n"
 
     _write_lines(path, [line(u) for u in utts], storage_options)
