@@ -7,12 +7,12 @@ What runs: a synthetic espeak-ng corpus (distill.synth.corpus.make_corpus), a ra
 realistic-but-small size (d_model 256, 6 layers, ffn 1024; embeddings of its last layer) and an MVQ quantizer
 (16 x 256 codebooks, production encode settings: beam 8 + 1 ICM sweep) trained on its frames with a short
 training schedule (training settings do not change encode cost). Per worker count, the job's own code path:
-distill.extract.prepare (plan + create store), a LocalCluster of N single-threaded worker processes, and one
-distill.extract.run_shard task per CI shard (shards sized so every worker gets several tasks).
+distill.extract.job.prepare (plan + create store), a LocalCluster of N single-threaded worker processes, and one
+distill.extract.job.run_shard task per CI shard (shards sized so every worker gets several tasks).
 
 Definitions (all printed):
   steady frames/s      frames / (last task end - first task start); the cluster is started and every worker has
-                       loaded teacher + quantizer (distill.extract._models, the per-process cache) before the clock
+                       loaded teacher + quantizer (distill.extract.job._models, the per-process cache) before the clock
                        starts, so start-up is excluded here and reported separately.
   scaling              steady frames/s with 2 workers / with 1 worker (goal >= 1.8).
   outside-teacher      1 - sum(teacher forward seconds) / sum(task seconds), over all tasks (goal < 10%):
@@ -23,9 +23,10 @@ Definitions (all printed):
   cpu/wall             task-thread CPU seconds / task wall seconds: below 1 means the worker was waiting (I/O, or
                        other processes on a shared machine taking the cores).
   sys/cpu, faults/fr   kernel share of the task threads' CPU time and minor page faults per frame (getrusage).
-Variants (--variants; each a LocalCluster as distill.extract.embedded_cluster makes it):
-  shipped        the job as shipped: Dask's profiler off and slow monitoring ticks (distill.extract.LEAN_DASK_CONFIG),
-                 workers undo Dask's MALLOC_TRIM_THRESHOLD_=65536 with mallopt at model load.
+Variants (--variants; each a LocalCluster as distill.extract.cluster.embedded_cluster makes it):
+  shipped        the job as shipped: Dask's profiler off and slow monitoring ticks
+                 (distill.extract.cluster.LEAN_DASK_CONFIG), workers undo Dask's MALLOC_TRIM_THRESHOLD_=65536 with
+                 mallopt at model load.
   dask-defaults  Dask's own profiler (10 ms stack sampling) and 20 ms ticks: what `extract --dask-profile` runs.
   glibc          shipped, with MALLOC_TRIM_THRESHOLD_ removed before the workers start (glibc's dynamic thresholds).
 History: the variable freezes glibc's mmap threshold, so every large temporary of the quantizer search became a
@@ -179,7 +180,7 @@ MALLOC_AT_START = os.environ.get(MALLOC_KEY)  # glibc reads it once, at process 
 
 
 def _start_cluster(workers: int, variant: str):
-    """The job's embedded cluster (distill.extract.embedded_cluster) in the given variant.
+    """The job's embedded cluster (distill.extract.cluster.embedded_cluster) in the given variant.
 
     For 'glibc' the nanny copies pre-spawn-environ into *this* process's os.environ before spawning (so every
     later cluster inherits it even with the config changed); the variable is therefore also removed from

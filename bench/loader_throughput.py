@@ -18,7 +18,7 @@ DataLoader workers, i.e. the rate of one core):
                 plus the same CI cases reading each batch with one CIStore.get_many call.
   full example  distill.data.dataset.KDDataset + make_loader: audio read + fbank + tokens + labels, over the real
                 corpus utterances (no feature cache), labels local or on S3.
-  training      (d) what the student consumes: distill.student.Transducer (default StudentConfig, MVQ KD head,
+  training      (d) what the student consumes: distill.student.model.Transducer (default StudentConfig, MVQ KD head,
                 kd_stack 2) compute_loss + backward + clip + AdamW step on real collated batches of the corpus,
                 torch threads = TrainConfig().threads; label frames consumed per second of step time.
 Every case runs one pass (epoch) or until --case-seconds, after a first batch that is timed separately (store

@@ -69,7 +69,10 @@ def test_items_carry_aligned_labels(stores):
     np.testing.assert_array_equal(ex.labels.reshape(-1, NCB)[: raw.shape[0]], raw)
     assert (ex.labels.reshape(-1, NCB)[raw.shape[0]:] == IGNORE).all()
     assert ex.label_mask.sum() == raw.shape[0]
-    assert tok.decode(ex.tokens).replace(" ", "") == "".join(ex.text.upper().split()).replace(",", "") or ex.tokens
+    assert ex.text == {u.id: u.text for u in utts}[ex.id]
+    # the corpus texts are normalised already (upper case, single spaces): the tokens spell them exactly
+    assert tok.unk_id not in ex.tokens and tok.blank_id not in ex.tokens
+    assert tok.decode(ex.tokens) == ex.text
 
 
 def test_float_labels_are_standardised(stores):

@@ -5,7 +5,22 @@ import shutil
 
 import pytest
 
+from ci_store import open_store
+from distill.data.manifest import load_manifest
+from distill.data.tokenizer import normalize_text
 from distill.experiment import Sizes, result_table, run_pipeline, storage_table
+from distill.student.trainer import evaluate_model, load_student
+
+
+def _edit_distance(ref, hyp) -> int:
+    """Levenshtein distance between two sequences (words or characters), every edit costing 1."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
 
 TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, teacher_d_model=64, teacher_layers=2,
              teacher_epochs=1, teacher_layer=2, num_codebooks=2, sample_utterances=10, student_epochs=1,
@@ -26,11 +41,21 @@ def pipeline(tmp_path_factory):
 def test_every_step_ran_and_results_are_complete(pipeline):
     work, summary, lines = pipeline
     assert set(summary["results"]) == {"none", "mvq", "l2", "mvq1"}
+    manifests = {split: load_manifest(os.path.join(work, "corpus", f"cuts_{split}.jsonl.gz"))
+                 for split in ("dev", "test")}
     for kd, res in summary["results"].items():
-        for split in ("dev", "test"):
+        model, tok = load_student(os.path.join(work, "students", kd))
+        for split, utts in manifests.items():
             r = res[split]
-            assert r["words"] > 0 and 0 <= r["errors"] and r["wer"] == pytest.approx(r["errors"] / r["words"])
-            assert r["chars"] > 0 and r["cer"] == pytest.approx(r["char_errors"] / r["chars"])
+            # the scores the pipeline recorded are those of the student's hypotheses against the references
+            refs = [normalize_text(u.text) for u in utts]
+            assert r["words"] == sum(len(t.split()) for t in refs) > 0
+            assert r["chars"] == sum(len(t) for t in refs)
+            hyps = evaluate_model(model, tok, utts, return_hyps=True)["hyps"]
+            assert r["errors"] == sum(_edit_distance(t.split(), hyps[u.id].split()) for u, t in zip(utts, refs))
+            assert r["char_errors"] == sum(_edit_distance(t, hyps[u.id]) for u, t in zip(utts, refs))
+            assert r["wer"] == pytest.approx(r["errors"] / r["words"])
+            assert r["cer"] == pytest.approx(r["char_errors"] / r["chars"])
         assert res["train_seconds"] > 0
         assert os.path.exists(os.path.join(work, "students", kd, "final.json"))
     for step in ("corpus", "teacher", "sample_frames", "train_quantizer", "extract"):
@@ -47,7 +72,8 @@ def test_storage_is_measured_on_the_stores(pipeline):
     _, summary, _ = pipeline
     by = {s["label"]: s for s in summary["storage"]}
     ci, f16, f32 = by[f"CI {TINY.num_codebooks}xuint8"], by["float16"], by["float32"]
-    assert ci["frames"] == f16["frames"] == f32["frames"] > 0
+    st = open_store(summary["stores"]["ci"])
+    assert ci["frames"] == f16["frames"] == f32["frames"] == sum(st[u].shape[0] for u in st.ids) > 0
     assert ci["dim"] == TINY.teacher_d_model
     # 2 one-byte codes per 64-dim frame: at most 128x less than float32 (on a store this small the fixed shard
     # index costs several bytes per frame, so well below that)

@@ -2,6 +2,7 @@
 import json
 import os
 
+import fsspec
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -123,6 +124,8 @@ def test_cli_on_s3_with_storage_options(s3_bucket):
     r = run("verify", st.url, "--storage-options", so)
     assert r.exit_code == 0, r.output
     s = json.loads(run("inspect", st.url, "--json", "--storage-options", so).output)
-    assert s["frames"] == 240 and s["bytes"] > 0
+    fs = fsspec.filesystem("s3", **opts)
+    fs.invalidate_cache()
+    assert s["frames"] == 240 and s["bytes"] == fs.du(st.url) > 0  # every object of the store, on S3
     r = run("inspect", st.url, "--storage-options", "{not json")
     assert r.exit_code != 0 and "not valid JSON" in r.output

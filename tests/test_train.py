@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.student.trainer import TrainConfig, evaluate, train_student
+from distill.data.manifest import load_manifest
+from distill.data.tokenizer import normalize_text
+from distill.student.trainer import TrainConfig, evaluate, evaluate_model, load_student, train_student
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,
             joiner_dim=32, dropout=0.1)
@@ -16,6 +18,16 @@ def _cfg(**kw):
                 threads=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance between word lists (substitutions, deletions and insertions cost 1)."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
 
 
 def _weights(run_dir):
@@ -31,7 +43,15 @@ def test_loss_falls_and_run_is_evaluable(tiny_corpus, tmp_path):
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
     assert (run / "curves.png").stat().st_size > 1000
     res = evaluate(str(run), tiny_corpus["dev"])
-    assert res["words"] > 0 and res["errors"] >= 0
+    dev = load_manifest(tiny_corpus["dev"])
+    assert res["words"] == sum(len(normalize_text(u.text).split()) for u in dev) > 0
+    # the errors are the word edit distance between each reference and the student's greedy hypothesis
+    model, tok = load_student(str(run))
+    full = evaluate_model(model, tok, dev, return_hyps=True)
+    assert set(full["hyps"]) == {u.id for u in dev}
+    errors = sum(_edit_distance(full["refs"][u].split(), full["hyps"][u].split()) for u in full["refs"])
+    assert res["errors"] == full["errors"] == errors
+    assert res["wer"] == pytest.approx(errors / res["words"])
 
 
 def test_resume_continues_the_same_run(tiny_corpus, tmp_path):

@@ -1,9 +1,9 @@
 """Transcripts for the synthetic corpus: real English sentences, normalised to ASR-style text, shipped offline.
 
-The bundled `data/sentences.txt.gz` holds ~22k distinct sentences from Jane Austen's six novels (1811-1818,
-public domain). It was built by `python -m distill.synth.text --from-janeaustenr DIR` from the Debian package
-`r-cran-janeaustenr` (its R lazy-load data holds the Project Gutenberg texts line by line); the builder is kept
-here so the file can be checked and rebuilt, but nothing at run time needs R or that package.
+The bundled `sentences.txt.gz` (next to this module) holds ~22k distinct sentences from Jane Austen's six novels
+(1811-1818, public domain). It was built by `python -m distill.synth.text --from-janeaustenr DIR` from the Debian
+package `r-cran-janeaustenr` (its R lazy-load data holds the Project Gutenberg texts line by line); the builder is
+kept here so the file can be checked and rebuilt, but nothing at run time needs R or that package.
 
 Normalised text = uppercase A-Z, apostrophes and single spaces; common abbreviations spelled out the way a
 speech synthesiser reads them (MR -> MISTER); sentences with digits, initials or other symbols are dropped
