@@ -147,7 +147,8 @@ class MultiCodebookQuantizer:
     @classmethod
     def from_arrays(cls, config: dict, arrays: dict[str, np.ndarray], device="cpu") -> "MultiCodebookQuantizer":
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise QuantizerError(f"not a {FORMAT} quantizer config (format={config.get('format') if isinstance(config, dict) else None!r})")
+            fmt = config.get("format") if isinstance(config, dict) else None
+            raise QuantizerError(f"not a {FORMAT} quantizer config (format={fmt!r})")
         if config.get("version") != VERSION:
             raise QuantizerError(f"unsupported {FORMAT} version {config.get('version')!r} (this code reads {VERSION})")
         try:
@@ -215,7 +216,8 @@ class MultiCodebookQuantizer:
         if frames.ndim != 2:
             raise QuantizerError(f"encode input: expected shape [frames, dim], got {tuple(frames.shape)}")
         if frames.shape[1] != self.dim:
-            raise QuantizerError(f"encode input: wrong dim: frames have dim {frames.shape[1]}, quantizer expects {self.dim}")
+            raise QuantizerError(f"encode input: wrong dim: frames have dim {frames.shape[1]}, "
+                                 f"quantizer expects {self.dim}")
         n = frames.shape[0]
         out = np.empty((n, self.num_codebooks), dtype=self.codes_dtype)
         step = max(self.block_rows, (batch_size // self.block_rows) * self.block_rows)
@@ -237,7 +239,8 @@ class MultiCodebookQuantizer:
         else:
             raise QuantizerError(f"codes must be a numpy array or torch tensor, got {type(codes).__name__}")
         if c.ndim != 2 or c.shape[1] != self.num_codebooks:
-            raise QuantizerError(f"codes have shape {tuple(c.shape)}: wrong width, expected [frames, {self.num_codebooks}]")
+            raise QuantizerError(f"codes have shape {tuple(c.shape)}: wrong width, "
+                                 f"expected [frames, {self.num_codebooks}]")
         if c.numel():
             bad = (c < 0) | (c >= self.codebook_size)
             if bool(bad.any()):
