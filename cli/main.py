@@ -7,7 +7,7 @@ from cli.errors import DEBUG_ENV, ErrorHandlingGroup, epilog
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=epilog())
 @click.version_option(package_name="ci-store")
 @click.option("--debug", is_flag=True,
-              help=f"Show the Python traceback of errors instead of one `Error:` line (or set {DEBUG_ENV}=1).")
+              help=f"Also print the Python traceback of errors reported as one `Error:` line (or set {DEBUG_ENV}=1).")
 def main(debug):
     """ci-store: compress teacher labels for ASR knowledge distillation into codebook-index stores."""
 
