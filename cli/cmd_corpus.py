@@ -8,7 +8,8 @@ from cli.main import main
 
 @main.command("make-corpus")
 @click.argument("out_dir")
-@click.option("--hours", type=float, default=10.0, show_default=True, help="Hours of train audio.")
+@click.option("--hours", type=click.FloatRange(0.0, min_open=True), default=10.0, show_default=True,
+              help="Hours of train audio.")
 @click.option("--dev-hours", type=float, default=None, help="Hours of dev audio [default: 10% of --hours].")
 @click.option("--test-hours", type=float, default=None, help="Hours of test audio [default: 10% of --hours].")
 @click.option("--student-hours", type=float, default=None,
@@ -29,15 +30,12 @@ def make_corpus_cmd(out_dir, hours, dev_hours, test_hours, student_hours, seed, 
     import json
     import os
 
-    from distill.synth.corpus import CorpusError, make_corpus
+    from distill.synth.corpus import make_corpus
 
-    try:
-        paths = make_corpus(out_dir, hours=hours, dev_hours=dev_hours, test_hours=test_hours,
-                            student_hours=student_hours, seed=seed, workers=workers, sample_rate=sample_rate,
-                            snr_db=snr_db, progress=not quiet, trim=not no_trim, audio_format=audio_format,
-                            relative_paths=relative_paths, overwrite=overwrite)
-    except CorpusError as e:
-        raise click.ClickException(str(e)) from None
+    paths = make_corpus(out_dir, hours=hours, dev_hours=dev_hours, test_hours=test_hours,
+                        student_hours=student_hours, seed=seed, workers=workers, sample_rate=sample_rate,
+                        snr_db=snr_db, progress=not quiet, trim=not no_trim, audio_format=audio_format,
+                        relative_paths=relative_paths, overwrite=overwrite)
     with open(os.path.join(out_dir, "corpus.json")) as f:
         splits = json.load(f)["splits"]
     for split, path in paths.items():

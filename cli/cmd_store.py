@@ -15,11 +15,8 @@ def _options(text: str | None) -> dict | None:
 
 
 def _open(url: str, options: dict | None):
-    from ci_store import StoreError, open_store
-    try:
-        return open_store(url, storage_options=options)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    from ci_store import open_store
+    return open_store(url, storage_options=options)  # StoreError: `Error: ...`, exit 3 (cli.errors)
 
 
 def _size(n: float) -> str:
@@ -42,13 +39,9 @@ storage_options_opt = click.option("--storage-options", "storage_options", defau
 @storage_options_opt
 def inspect_cmd(url, as_json, entropy_frames, dim, storage_options):
     """Summarise a store: utterances, frames, hours, bytes on storage, shards, failures, teacher, quantizer."""
-    from ci_store import StoreError
     from ci_store.stats import summarize
     st = _open(url, _options(storage_options))
-    try:
-        s = summarize(st, entropy_frames=entropy_frames, dim=dim)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    s = summarize(st, entropy_frames=entropy_frames, dim=dim)
     if as_json:
         click.echo(json.dumps(s, indent=1, sort_keys=True))
         return

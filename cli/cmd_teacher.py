@@ -7,6 +7,18 @@ import click
 from cli.main import main
 
 
+# config field -> the option that sets it, so a refused value is named as the user typed it
+_OPTIONS = {"d_model": "--d-model", "num_heads": "--heads", "num_layers": "--layers", "ffn_dim": "--ffn-dim",
+            "epochs": "--epochs", "max_steps": "--max-steps", "max_seconds_per_batch": "--max-seconds-per-batch",
+            "lr": "--lr", "grad_clip": "--grad-clip", "num_threads": "--threads", "num_workers": "--num-workers"}
+
+
+def _option_names(message: str) -> str:
+    import re
+
+    return re.sub(r"\b(" + "|".join(_OPTIONS) + r")\b", lambda m: _OPTIONS[m.group(1)], message)
+
+
 @main.command("train-teacher")
 @click.option("--train", "train_path", required=True, help="Training manifest (lhotse cuts / plain JSONL, with text).")
 @click.option("--dev", "dev_path", default=None, help="Dev manifest, scored per epoch (greedy CTC CER/WER).")
@@ -39,11 +51,9 @@ def train_teacher_cmd(train_path, dev_path, out, d_model, layers, heads, ffn_dim
                       max_seconds_per_batch, lr, warmup_steps, grad_clip, no_spec_augment, max_utterance_seconds,
                       dev_max_utterances, seed, threads, num_workers, no_cache, log_path, quiet):
     """Train a log-mel transformer with a character CTC head on TRAIN and save it for `extract --teacher`."""
-    from distill.data.audio import AudioError
-    from distill.data.manifest import ManifestError
-    from distill.teachers.training import TeacherDataError, TeacherTrainConfig, train_teacher
+    from distill.teachers.training import TeacherTrainConfig, train_teacher
 
-    try:
+    try:  # option values that contradict each other: a usage error (exit 2) before any data is read
         cfg = TeacherTrainConfig(d_model=d_model, num_layers=layers, num_heads=heads, ffn_dim=ffn_dim,
                                  dropout=dropout, epochs=epochs, max_steps=max_steps,
                                  max_seconds_per_batch=max_seconds_per_batch, lr=lr, warmup_steps=warmup_steps,
@@ -51,11 +61,11 @@ def train_teacher_cmd(train_path, dev_path, out, d_model, layers, heads, ffn_dim
                                  max_utterance_seconds=max_utterance_seconds or None,
                                  dev_max_utterances=dev_max_utterances, seed=seed, num_threads=threads,
                                  num_workers=num_workers, cache_audio=not no_cache)
-        cfg.model_config(2)  # validates d_model / heads / layers before any data is read
-        res = train_teacher(train_path, out, cfg, dev=dev_path, log_path=None if log_path == "none" else log_path,
-                            progress=not quiet, echo=click.echo)
-    except (TeacherDataError, ManifestError, AudioError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+        cfg.model_config(2)  # validates d_model / heads / layers
+    except ValueError as e:
+        raise click.UsageError(_option_names(str(e).removeprefix("TeacherTrainConfig: "))) from None
+    res = train_teacher(train_path, out, cfg, dev=dev_path, log_path=None if log_path == "none" else log_path,
+                        progress=not quiet, echo=click.echo)
     last = res.history[-1] if res.history else {}
     click.echo(f"wrote {res.checkpoint} (sha256 {res.checkpoint_sha256[:12]}), {res.tokenizer_path}, "
                f"{res.summary_path}" + (f", {res.log_path}" if res.log_path else ""))

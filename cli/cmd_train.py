@@ -42,22 +42,26 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
         kd_scale = 0.1 if kd == "mvq" else 1.0
     cfg = TrainConfig(kd=kd, kd_scale=kd_scale, epochs=epochs, max_seconds=max_seconds, lr=lr,
                       warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads)
+    student = json_object(student_json, "--student")
+    so = json_object(storage_options, "--storage-options") or None
     tok = None
     if tokenizer:
-        tok = load_tokenizer(tokenizer)
+        try:
+            tok = load_tokenizer(tokenizer)
+        except ValueError as e:  # names the file: unreadable, not a tokenizer description
+            raise click.BadParameter(str(e), param_hint="--tokenizer") from None
     elif bpe:
         import os
 
-        os.makedirs(out_dir, exist_ok=True)
         texts = [u.text or "" for u in load_manifest(train_manifest)]
-        tok = BPETokenizer.train(texts, bpe, os.path.join(out_dir, "bpe"))
-    try:
-        summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
-                                student=json_object(student_json, "--student"), tokenizer=tok,
-                                storage_options=json_object(storage_options, "--storage-options") or None, progress=not no_progress,
-                                log=click.echo)
-    except (ValueError, KeyError) as e:
-        raise click.ClickException(str(e)) from e
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            tok = BPETokenizer.train(texts, bpe, os.path.join(out_dir, "bpe"))
+        except ValueError as e:  # e.g. a vocabulary larger than the texts allow
+            raise click.BadParameter(str(e), param_hint="--bpe") from None
+    summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
+                            student=student, tokenizer=tok, storage_options=so, progress=not no_progress,
+                            log=click.echo)
     click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
 
 

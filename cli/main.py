@@ -1,10 +1,14 @@
 """The `ci-store` console script: one click group; each command module registers itself here."""
 import click
 
+from cli.errors import DEBUG_ENV, ErrorHandlingGroup, epilog
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=epilog())
 @click.version_option(package_name="ci-store")
-def main():
+@click.option("--debug", is_flag=True,
+              help=f"Also print the Python traceback of errors reported as one `Error:` line (or set {DEBUG_ENV}=1).")
+def main(debug):
     """ci-store: compress teacher labels for ASR knowledge distillation into codebook-index stores."""
 
 

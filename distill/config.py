@@ -8,6 +8,8 @@ import json
 class JSONConfig:
     """Mixin for @dataclass configs: `to_dict`/`from_dict` and `to_json`/`from_json`."""
 
+    config_error = ValueError  # what from_dict raises for unknown keys (a subclass names the kind of input)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -15,7 +17,7 @@ class JSONConfig:
     def from_dict(cls, d: dict):
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+            raise cls.config_error(f"{cls.__name__}: unknown fields {unknown}")
         return cls(**d)
 
     def to_json(self) -> str:

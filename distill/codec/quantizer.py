@@ -36,6 +36,8 @@ from .search import SearchTables, search_block
 FORMAT = "ci-store-mvq"
 VERSION = 1
 METADATA_KEY = "ci-store-mvq-config"
+TEACHER_FORMAT = "ci-store-teacher"  # distill.teachers.native.NATIVE_FORMAT: recognised to say "that is a teacher"
+FRAMES_HINT = "give the .npy frames file written by `ci-store sample-frames`"
 
 # Algorithm options and their defaults (all recorded in `config`).
 DEFAULT_OPTS: dict[str, Any] = {
@@ -58,6 +60,10 @@ class QuantizerError(ValueError):
     """A quantizer file or its training/encoding input cannot be used; the message names the file or item."""
 
 
+class QuantizerFileNotFoundError(QuantizerError, FileNotFoundError):
+    """The quantizer (or frames) file does not exist; still a FileNotFoundError for callers that catch that."""
+
+
 def _is_pow2(n: int) -> bool:
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
@@ -70,17 +76,17 @@ class MultiCodebookQuantizer:
                  block_rows: int = DEFAULT_OPTS["block_rows"], mean=None, projection=None, codebooks=None,
                  train_info: dict | None = None, device="cpu"):
         if not (isinstance(dim, int) and dim > 0):
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+            raise QuantizerError(f"dim must be a positive int, got {dim!r}")
         if not (isinstance(num_codebooks, int) and num_codebooks > 0):
-            raise ValueError(f"num_codebooks must be a positive int, got {num_codebooks!r}")
+            raise QuantizerError(f"num_codebooks must be a positive int, got {num_codebooks!r}")
         if not _is_pow2(codebook_size) or not 2 <= codebook_size <= 65536:
-            raise ValueError(f"codebook_size must be a power of two in [2, 65536], got {codebook_size!r}")
+            raise QuantizerError(f"codebook_size must be a power of two in [2, 65536], got {codebook_size!r}")
         r = dim if proj_dim is None else proj_dim
         if not (isinstance(r, int) and 1 <= r <= dim):
-            raise ValueError(f"proj_dim must be an int in [1, dim={dim}] or None, got {proj_dim!r}")
+            raise QuantizerError(f"proj_dim must be an int in [1, dim={dim}] or None, got {proj_dim!r}")
         for name, v, lo in (("beam_size", beam_size, 1), ("icm_sweeps", icm_sweeps, 0), ("block_rows", block_rows, 1)):
             if not (isinstance(v, int) and v >= lo):
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+                raise QuantizerError(f"{name} must be an int >= {lo}, got {v!r}")
         self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
         self.proj_dim = proj_dim
         self.beam_size, self.icm_sweeps, self.block_rows = beam_size, icm_sweeps, block_rows
@@ -90,10 +96,10 @@ class MultiCodebookQuantizer:
         def t(a, shape, name):
             a = torch.zeros(shape) if a is None else torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
             if tuple(a.shape) != tuple(shape):
-                raise ValueError(f"array {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+                raise QuantizerError(f"array {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
             a = a.detach().to(torch.float32).cpu().contiguous()
             if not bool(torch.isfinite(a).all()):
-                raise ValueError(f"array {name!r} contains NaN or inf")
+                raise QuantizerError(f"array {name!r} contains NaN or inf")
             return a
 
         self._mean = t(mean, (dim,), "mean")
@@ -141,24 +147,25 @@ class MultiCodebookQuantizer:
     @classmethod
     def from_arrays(cls, config: dict, arrays: dict[str, np.ndarray], device="cpu") -> "MultiCodebookQuantizer":
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} quantizer config (format={config.get('format') if isinstance(config, dict) else None!r})")
+            fmt = config.get("format") if isinstance(config, dict) else None
+            raise QuantizerError(f"not a {FORMAT} quantizer config (format={fmt!r})")
         if config.get("version") != VERSION:
-            raise ValueError(f"unsupported {FORMAT} version {config.get('version')!r} (this code reads {VERSION})")
+            raise QuantizerError(f"unsupported {FORMAT} version {config.get('version')!r} (this code reads {VERSION})")
         try:
             dim, M, K = int(config["dim"]), int(config["num_codebooks"]), int(config["codebook_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"quantizer config lacks or has a bad dim/num_codebooks/codebook_size: {e}") from None
+            raise QuantizerError(f"quantizer config lacks or has a bad dim/num_codebooks/codebook_size: {e}") from None
         proj_dim = config.get("proj_dim")
         need = ["mean", "codebooks"] + (["projection"] if proj_dim is not None else [])
         missing = [n for n in need if n not in arrays]
         if missing:
-            raise ValueError(f"quantizer arrays lack {', '.join(missing)}")
+            raise QuantizerError(f"quantizer arrays lack {', '.join(missing)}")
         extra = sorted(set(arrays) - set(need))
         if extra:
-            raise ValueError(f"quantizer arrays have unexpected entries: {', '.join(extra)}")
+            raise QuantizerError(f"quantizer arrays have unexpected entries: {', '.join(extra)}")
         for n in need:
             if np.asarray(arrays[n]).dtype != np.float32:
-                raise ValueError(f"quantizer array {n!r} must be float32, got {np.asarray(arrays[n]).dtype}")
+                raise QuantizerError(f"quantizer array {n!r} must be float32, got {np.asarray(arrays[n]).dtype}")
         return cls(dim, M, K, proj_dim=proj_dim, beam_size=int(config.get("beam_size", DEFAULT_OPTS["beam_size"])),
                    icm_sweeps=int(config.get("icm_sweeps", DEFAULT_OPTS["icm_sweeps"])),
                    block_rows=int(config.get("block_rows", DEFAULT_OPTS["block_rows"])),
@@ -205,11 +212,12 @@ class MultiCodebookQuantizer:
         if isinstance(frames, (list, tuple)):
             frames = np.asarray(frames, dtype=np.float32)
         if not isinstance(frames, (np.ndarray, torch.Tensor)):
-            raise ValueError(f"encode input must be a numpy array or torch tensor, got {type(frames).__name__}")
+            raise QuantizerError(f"encode input must be a numpy array or torch tensor, got {type(frames).__name__}")
         if frames.ndim != 2:
-            raise ValueError(f"encode input: expected shape [frames, dim], got {tuple(frames.shape)}")
+            raise QuantizerError(f"encode input: expected shape [frames, dim], got {tuple(frames.shape)}")
         if frames.shape[1] != self.dim:
-            raise ValueError(f"encode input: wrong dim: frames have dim {frames.shape[1]}, quantizer expects {self.dim}")
+            raise QuantizerError(f"encode input: wrong dim: frames have dim {frames.shape[1]}, "
+                                 f"quantizer expects {self.dim}")
         n = frames.shape[0]
         out = np.empty((n, self.num_codebooks), dtype=self.codes_dtype)
         step = max(self.block_rows, (batch_size // self.block_rows) * self.block_rows)
@@ -222,21 +230,22 @@ class MultiCodebookQuantizer:
     def _check_codes(self, codes) -> torch.Tensor:
         if isinstance(codes, np.ndarray):
             if codes.dtype.kind not in "iu":
-                raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
+                raise QuantizerError(f"codes must be an integer array, got dtype {codes.dtype}")
             c = torch.from_numpy(codes.astype(np.int64, copy=False))
         elif isinstance(codes, torch.Tensor):
             if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-                raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+                raise QuantizerError(f"codes must be an integer tensor, got dtype {codes.dtype}")
             c = codes.to(torch.int64)
         else:
-            raise ValueError(f"codes must be a numpy array or torch tensor, got {type(codes).__name__}")
+            raise QuantizerError(f"codes must be a numpy array or torch tensor, got {type(codes).__name__}")
         if c.ndim != 2 or c.shape[1] != self.num_codebooks:
-            raise ValueError(f"codes have shape {tuple(c.shape)}: wrong width, expected [frames, {self.num_codebooks}]")
+            raise QuantizerError(f"codes have shape {tuple(c.shape)}: wrong width, "
+                                 f"expected [frames, {self.num_codebooks}]")
         if c.numel():
             bad = (c < 0) | (c >= self.codebook_size)
             if bool(bad.any()):
                 row, col = (int(v) for v in torch.nonzero(bad)[0])
-                raise ValueError(f"codes out of range at row {row}, codebook {col}: value {int(c[row, col])} "
+                raise QuantizerError(f"codes out of range at row {row}, codebook {col}: value {int(c[row, col])} "
                                  f"not in [0, {self.codebook_size})")
         return c
 
@@ -268,10 +277,10 @@ class MultiCodebookQuantizer:
 
         unknown = sorted(set(algo_opts) - set(DEFAULT_OPTS) - set(DEFAULT_TRAIN_OPTS))
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+            raise QuantizerError(f"unknown training option(s): {', '.join(unknown)}")
         opts = {**DEFAULT_OPTS, **DEFAULT_TRAIN_OPTS, **algo_opts}
         if not _is_pow2(codebook_size) or not 2 <= codebook_size <= 65536:
-            raise ValueError(f"codebook_size must be a power of two in [2, 65536], got {codebook_size!r}")
+            raise QuantizerError(f"codebook_size must be a power of two in [2, 65536], got {codebook_size!r}")
         M, K = num_codebooks, codebook_size
         dev = torch.device(device)
         x = T.collect_frames(data, dim, int(opts["max_train_frames"]), seed)
@@ -287,7 +296,7 @@ class MultiCodebookQuantizer:
             pd = T.auto_proj_dim(evals, bits=M * math.log2(K))
             pd = None if pd >= dim else pd
         elif pd is not None and not (isinstance(pd, int) and 1 <= pd <= dim):
-            raise ValueError(f"proj_dim must be 'auto', None or an int in [1, {dim}], got {pd!r}")
+            raise QuantizerError(f"proj_dim must be 'auto', None or an int in [1, {dim}], got {pd!r}")
         projection = None if pd is None else evecs[:, :pd].float().contiguous()
         xd = x.to(dev)
         z = xd - mean.float().to(dev)
@@ -341,7 +350,8 @@ class MultiCodebookQuantizer:
 
     @classmethod
     def load(cls, path, device="cpu", storage_options: dict | None = None) -> "MultiCodebookQuantizer":
-        """Read a file written by save(); ValueError if it is not a ci-store MVQ quantizer. No pickle."""
+        """Read a file written by save(); QuantizerError (a ValueError) naming the file if it is not a ci-store MVQ
+        quantizer, QuantizerFileNotFoundError (also a FileNotFoundError) if it does not exist. No pickle."""
         import fsspec
         from safetensors.numpy import load as st_load
 
@@ -349,16 +359,20 @@ class MultiCodebookQuantizer:
             with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
                 blob = f.read()
         except FileNotFoundError:
-            raise
+            raise QuantizerFileNotFoundError(f"quantizer file not found: {path} (give the .safetensors written by "
+                                             f"`ci-store train-quantizer`)") from None
+        except IsADirectoryError:
+            raise QuantizerError(f"{path}: is a directory, not a quantizer file (give the .safetensors written by "
+                                 f"`ci-store train-quantizer`)") from None
         config = _safetensors_config(blob, str(path))
         try:
             arrays = st_load(blob)
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a ci-store MVQ quantizer file (unreadable safetensors: {e})") from None
+            raise QuantizerError(f"{path}: not a ci-store MVQ quantizer file (unreadable safetensors: {e})") from None
         try:
             q = cls.from_arrays(config, arrays, device=device)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise QuantizerError(f"{path}: {e}") from None
         return q
 
 
@@ -366,24 +380,61 @@ def _safetensors_config(blob: bytes, where: str) -> dict:
     """The MVQ config JSON from a safetensors header, or ValueError saying why this is not a quantizer file."""
     bad = f"{where}: not a ci-store MVQ quantizer file"
     if len(blob) < 8:
-        raise ValueError(f"{bad} (only {len(blob)} bytes)")
+        raise QuantizerError(f"{bad} (only {len(blob)} bytes)")
     (hlen,) = struct.unpack("<Q", blob[:8])
     if hlen <= 0 or 8 + hlen > len(blob):
-        raise ValueError(f"{bad} (no safetensors header)")
+        raise QuantizerError(f"{bad} (no safetensors header)")
     try:
         header = json.loads(blob[8:8 + hlen].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{bad} (safetensors header is not JSON)") from None
+        raise QuantizerError(f"{bad} (safetensors header is not JSON)") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if isinstance(meta, dict) and meta.get("format") == TEACHER_FORMAT:
+        raise QuantizerError(f"{bad}: it is a teacher checkpoint ({TEACHER_FORMAT}); pass it as --teacher and give "
+                             f"the .safetensors written by `ci-store train-quantizer` as the quantizer")
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
-        raise ValueError(f"{bad} (safetensors metadata has no {METADATA_KEY!r} entry)")
+        raise QuantizerError(f"{bad} (safetensors metadata has no {METADATA_KEY!r} entry)")
     try:
         config = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError:
-        raise ValueError(f"{bad} ({METADATA_KEY!r} is not JSON)") from None
+        raise QuantizerError(f"{bad} ({METADATA_KEY!r} is not JSON)") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{bad} (config format is {config.get('format') if isinstance(config, dict) else None!r})")
+        raise QuantizerError(f"{bad} (config format is {config.get('format') if isinstance(config, dict) else None!r})")
     return config
+
+
+def load_frames(path: str, *, mmap: bool = True) -> np.ndarray:
+    """Training frames [n, dim] (a numeric .npy file, as written by `ci-store sample-frames`), memory-mapped by
+    default. Never unpickles: anything else raises QuantizerError naming the file and what to give instead."""
+    path = str(path)
+    try:
+        x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise QuantizerFileNotFoundError(f"frames file not found: {path} ({FRAMES_HINT})") from None
+    except IsADirectoryError:
+        raise QuantizerError(f"{path}: is a directory, not a frames file ({FRAMES_HINT})") from None
+    except (ValueError, OSError, EOFError) as e:
+        try:
+            with open(path, "rb") as f:
+                is_npy = f.read(6) == b"\x93NUMPY"
+        except OSError:
+            is_npy = False
+        if not is_npy:
+            what = "not a .npy file"
+        elif "object" in str(e).lower() or "pickle" in str(e).lower():
+            what = "a .npy file of Python objects (pickled), which is never loaded"
+        else:
+            what = f"an unreadable .npy file ({e})"
+        raise QuantizerError(f"{path}: {what}; {FRAMES_HINT}") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        x.close()
+        raise QuantizerError(f"{path}: an .npz archive, not a .npy array; {FRAMES_HINT}")
+    if x.ndim != 2 or x.dtype.kind not in "fiu":
+        raise QuantizerError(f"{path}: holds a {x.dtype} array of shape {x.shape}, expected float frames "
+                             f"[frames, dim]; {FRAMES_HINT}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise QuantizerError(f"{path}: holds no frames (shape {x.shape}); {FRAMES_HINT}")
+    return x
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -392,9 +443,9 @@ def relative_reconstruction_error(x, x_hat) -> float:
     x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     y = np.asarray(x_hat.detach().cpu() if isinstance(x_hat, torch.Tensor) else x_hat, dtype=np.float64)
     if x.shape != y.shape:
-        raise ValueError(f"shape mismatch: x {x.shape} vs x_hat {y.shape}")
+        raise QuantizerError(f"shape mismatch: x {x.shape} vs x_hat {y.shape}")
     if x.size == 0:
-        raise ValueError("relative_reconstruction_error of empty input")
+        raise QuantizerError("relative_reconstruction_error of empty input")
     x2 = x.reshape(-1, x.shape[-1])
     den = float(((x2 - x2.mean(0)) ** 2).sum())
     num = float(((y.reshape(x2.shape) - x2) ** 2).sum())
@@ -405,12 +456,12 @@ def codebook_usage_entropy(codes, codebook_size: int) -> np.ndarray:
     """Per-codebook entropy (bits) of the code histogram; log2(codebook_size) = uniform use, 0 = collapsed."""
     c = np.asarray(codes.detach().cpu() if isinstance(codes, torch.Tensor) else codes)
     if c.ndim != 2:
-        raise ValueError(f"codes must be [frames, num_codebooks], got shape {c.shape}")
+        raise QuantizerError(f"codes must be [frames, num_codebooks], got shape {c.shape}")
     if c.shape[0] == 0:
-        raise ValueError("codebook_usage_entropy of empty codes")
+        raise QuantizerError("codebook_usage_entropy of empty codes")
     c = c.astype(np.int64)
     if c.min() < 0 or c.max() >= codebook_size:
-        raise ValueError(f"codes out of range [0, {codebook_size})")
+        raise QuantizerError(f"codes out of range [0, {codebook_size})")
     out = np.empty(c.shape[1], dtype=np.float64)
     for m in range(c.shape[1]):
         p = np.bincount(c[:, m], minlength=codebook_size).astype(np.float64) / c.shape[0]

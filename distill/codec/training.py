@@ -16,26 +16,32 @@ from .search import SearchTables, search_block
 
 
 # ----------------------------------------------------------------------------------------------- input checking
+def _error(message: str) -> Exception:
+    from .quantizer import QuantizerError  # defined there; imported here lazily (quantizer imports this module)
+
+    return QuantizerError(message)
+
+
 def as_frames(batch, dim: int | None, what: str, row_offset: int = 0) -> torch.Tensor:
     """Validate one [n, dim] float batch (np or torch) and return it as a float32 CPU/device tensor."""
     if isinstance(batch, np.ndarray):
         if batch.dtype.kind not in "fiu":
-            raise ValueError(f"{what}: expected a float array, got dtype {batch.dtype}")
+            raise _error(f"{what}: expected a float array, got dtype {batch.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     elif isinstance(batch, torch.Tensor):
         if batch.is_complex() or batch.dtype == torch.bool:
-            raise ValueError(f"{what}: expected a float tensor, got dtype {batch.dtype}")
+            raise _error(f"{what}: expected a float tensor, got dtype {batch.dtype}")
         t = batch.detach().to(torch.float32)
     else:
-        raise ValueError(f"{what}: expected a numpy array or torch tensor, got {type(batch).__name__}")
+        raise _error(f"{what}: expected a numpy array or torch tensor, got {type(batch).__name__}")
     if t.ndim != 2:
-        raise ValueError(f"{what}: expected shape [frames, dim], got {tuple(t.shape)}")
+        raise _error(f"{what}: expected shape [frames, dim], got {tuple(t.shape)}")
     if dim is not None and t.shape[1] != dim:
-        raise ValueError(f"{what}: wrong dim: frames have dim {t.shape[1]}, quantizer expects {dim}")
+        raise _error(f"{what}: wrong dim: frames have dim {t.shape[1]}, quantizer expects {dim}")
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
         row = int(torch.nonzero(bad)[0, 0]) + row_offset
-        raise ValueError(f"{what}: row {row} contains NaN or inf")
+        raise _error(f"{what}: row {row} contains NaN or inf")
     return t
 
 
@@ -49,13 +55,13 @@ def collect_frames(data, dim: int | None, max_frames: int, seed: int) -> torch.T
     if isinstance(data, (np.ndarray, torch.Tensor)):
         n = data.shape[0] if data.ndim >= 1 else 0
         if n == 0:
-            raise ValueError("training data is empty (0 frames)")
+            raise _error("training data is empty (0 frames)")
         if n > max_frames:
             keep = np.sort(rng.choice(n, size=max_frames, replace=False))
             data = data[keep] if isinstance(data, np.ndarray) else data[torch.from_numpy(keep)]
         return as_frames(data, dim, "training data").cpu()
     if not isinstance(data, Iterable):
-        raise ValueError(f"training data must be an array, a tensor or an iterable of [n, dim] batches, "
+        raise _error(f"training data must be an array, a tensor or an iterable of [n, dim] batches, "
                          f"got {type(data).__name__}")
     buf: torch.Tensor | None = None
     filled = 0
@@ -88,7 +94,7 @@ def collect_frames(data, dim: int | None, max_frames: int, seed: int) -> torch.T
                 buf[slots] = rest[rows]
         seen += n
     if buf is None or filled == 0:
-        raise ValueError("training data is empty (0 frames)")
+        raise _error("training data is empty (0 frames)")
     return buf[:filled]
 
 

@@ -38,6 +38,14 @@ class AudioError(Exception):
         return (type(self), (self.utt_id, self.reason, self.path))
 
 
+def _sf_reason(e: Exception, f) -> str:
+    """libsndfile's own words, without soundfile's "Error opening <file object repr>: " prefix (the AudioError
+    already names the manifest's path; the repr of an fsspec file object names nothing useful)."""
+    if isinstance(e, sf.LibsndfileError):
+        return e.error_string.strip()
+    return str(e).replace(repr(f), "file")
+
+
 @contextmanager
 def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
     """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError."""
@@ -63,7 +71,7 @@ def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[
                 pass
             if size == 0:
                 raise AudioError(utt.id, "empty audio file (0 bytes)", utt.audio) from None
-            raise AudioError(utt.id, f"unreadable or corrupt audio ({e})", utt.audio) from None
+            raise AudioError(utt.id, f"unreadable or corrupt audio ({_sf_reason(e, f)})", utt.audio) from None
         with snd:
             yield snd
     finally:
@@ -153,7 +161,7 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
             snd.seek(start)
             data = snd.read(want, dtype="float32", always_2d=True)
         except Exception as e:
-            raise AudioError(utt.id, f"decoding failed ({e})", utt.audio) from None
+            raise AudioError(utt.id, f"decoding failed ({_sf_reason(e, snd)})", utt.audio) from None
     short = want - data.shape[0]
     if short > 0:
         if data.shape[0] == 0:
@@ -209,8 +217,8 @@ def probe_utterance(utt: Utterance, storage_options: dict | None = None) -> Utte
     with open_sound(utt, storage_options) as snd:
         sr, frames = int(snd.samplerate), int(snd.frames)
     if utt.sample_rate is not None and utt.sample_rate != sr:
-        raise AudioError(utt.id, f"file {utt.audio} has sample rate {sr} Hz but the manifest says "
-                                 f"{utt.sample_rate} Hz")
+        raise AudioError(utt.id, f"sample rate mismatch: file is {sr} Hz, manifest says {utt.sample_rate} Hz",
+                         utt.audio)
     n = utt.num_samples
     if n is None:
         if utt.duration is not None:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ci_store import open_store
+from ci_store.errors import StoreError
 from distill.data.alignment import IGNORE, align_labels, stack_factor, subsampled_length
 from distill.data.audio import read_audio
 from distill.data.fbank import compute_fbank
@@ -23,6 +24,14 @@ FBANK_RATE = 100.0  # fbank frames per second (10 ms shift)
 def student_frames(num_fbank: int, subsampling: int) -> int:
     """Encoder frames after the student's conv subsampling."""
     return int(subsampled_length(num_fbank, subsampling))
+
+
+class LabelsMissingError(StoreError, KeyError):
+    """A manifest utterance has no entry in the label store: a KeyError like ci_store's own lookups, and a
+    StoreError (the store does not belong to this manifest) so the CLI reports it as one."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -65,7 +74,8 @@ class KDDataset(Dataset):
             keep = []
             for u in self.utts:
                 if u.id not in store:
-                    raise KeyError(f"utterance {u.id!r} of the manifest is not in label store {labels}")
+                    raise LabelsMissingError(f"utterance {u.id!r} of the manifest is not in label store {labels}; "
+                                             f"give the store extracted from this manifest")
                 if u.id in failures:
                     self.dropped[u.id] = failures[u.id]
                 else:

@@ -5,7 +5,7 @@ import numpy as np
 
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import load_manifest
-from distill.extract.job import embed_utterance
+from distill.extract.job import embed_utterance, load_teacher_checked
 from distill.extract.planning import ExtractionError, check_unique_ids
 
 def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
@@ -14,13 +14,11 @@ def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: in
     """Embed a seeded random sample of utterances drawn across the whole corpus (not the first N)."""
     from tqdm.auto import tqdm
 
-    from distill.teachers import load_teacher
-
     utts = load_manifest(manifest, storage_options=storage_options) if isinstance(manifest, str) else list(manifest)
     check_unique_ids(utts)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(utts))
-    teacher = load_teacher(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
+    teacher = load_teacher_checked(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
     chunks, total, skipped = [], 0, []
     bar = tqdm(total=min(num_utterances, len(utts)), desc="sample-frames", disable=not progress)
     for idx in order[:num_utterances]:
@@ -29,7 +27,7 @@ def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: in
             wave = read_audio(u, teacher.sample_rate, storage_options=storage_options,
                               min_samples=teacher.min_samples)
         except AudioError as e:
-            skipped.append((u.id, e.reason))
+            skipped.append(str(e))  # names the utterance and its file
             bar.update(1)
             continue
         emb = embed_utterance(teacher, u, wave)
@@ -41,7 +39,10 @@ def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: in
             break
     bar.close()
     if not chunks:
-        raise ExtractionError(f"no usable utterance in the sample from {manifest!r}: {skipped[:5]}")
+        name = manifest if isinstance(manifest, str) else "the manifest"
+        shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped) - 3} more)" if len(skipped) > 3 else "")
+        raise ExtractionError(f"no usable utterance among the {len(order[:num_utterances])} sampled from {name}"
+                              + (f": {shown}" if shown else " (all teacher embeddings were empty or non-finite)"))
     frames = np.concatenate(chunks)
     if frames.shape[0] > max_frames:
         frames = frames[np.sort(rng.choice(frames.shape[0], max_frames, replace=False))]

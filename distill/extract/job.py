@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ci_store import create, open_store
+from ci_store.errors import StoreError
 from ci_store.format import DEFAULT_CODES_SHARD_FRAMES as DEFAULT_SHARD_FRAMES
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import Utterance, load_manifest
@@ -98,20 +99,56 @@ class ExtractionReport:
 _MODELS: dict = {}
 
 
+def _is_quantizer_file(path: str, storage_options: dict | None) -> bool:
+    """Whether `path` is a safetensors file with the MVQ quantizer's metadata (reads the header only)."""
+    import json
+
+    import fsspec
+
+    from distill.codec.quantizer import METADATA_KEY
+    try:
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 1 << 24:
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return METADATA_KEY in meta
+    except Exception:  # only used to improve an error message
+        return False
+
+
+def load_teacher_checked(path: str, *, layer: int, device="cpu", storage_options: dict | None = None):
+    """`load_teacher`, with every way the checkpoint can be unusable (missing, not a teacher, a quantizer file,
+    layer out of range) raised as TeacherError naming the file and what to give instead."""
+    from distill.teachers import TeacherError, load_teacher
+
+    what = "give a ci-store-teacher .safetensors (from `ci-store train-teacher`) or a HuggingFace model directory"
+    try:
+        return load_teacher(path, layer=layer, device=device, storage_options=storage_options)
+    except TeacherError:
+        raise
+    except FileNotFoundError as e:
+        raise TeacherError(f"teacher checkpoint not found: {path} ({what})") from e
+    except ValueError as e:
+        if _is_quantizer_file(path, storage_options):
+            raise TeacherError(f"{path}: is a quantizer file (from `ci-store train-quantizer`), not a teacher; "
+                               f"pass it as --quantizer and {what} as --teacher") from e
+        raise TeacherError(str(e)) from e
+
+
 def _models(cfg: ExtractionConfig):
     """Load teacher and quantizer once per worker process (not once per task)."""
     import torch
 
     from distill.codec.quantizer import MultiCodebookQuantizer
-    from distill.teachers import load_teacher
 
     torch.set_num_threads(cfg.threads_per_worker)
     if not _MODELS:
         undo_dask_malloc_trim()
     key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
     if key not in _MODELS:
-        teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
-                               storage_options=cfg.storage_options or None)
+        teacher = load_teacher_checked(cfg.teacher, layer=cfg.layer, device=cfg.device,
+                                       storage_options=cfg.storage_options or None)
         quantizer = MultiCodebookQuantizer.load(cfg.quantizer).to(cfg.device)
         _MODELS.clear()
         _MODELS[key] = (teacher, quantizer)
@@ -215,7 +252,6 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
             float_shard_frames: int | None = None, manifest_storage_options: dict | None = None):
     """Validate inputs, plan the layout and create (or reopen, for resume) the output stores."""
     from distill.codec.quantizer import MultiCodebookQuantizer
-    from distill.teachers import load_teacher
 
     utts = load_manifest(manifest, storage_options=manifest_storage_options) if isinstance(manifest, str) \
         else list(manifest)
@@ -223,8 +259,8 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
         raise ExtractionError(f"manifest {manifest!r} has no utterances")
     check_unique_ids(utts)
     utts = probe_all(utts, manifest_storage_options)
-    teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
-                           storage_options=cfg.storage_options or None)
+    teacher = load_teacher_checked(cfg.teacher, layer=cfg.layer, device="cpu",
+                                   storage_options=cfg.storage_options or None)
     quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
     if quantizer.dim != teacher.dim:
         raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "
@@ -237,15 +273,17 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     meta = _teacher_meta(teacher)
     qstate = {"id": quantizer.quantizer_id, "config": quantizer.config, "arrays": quantizer.to_arrays()}
     so = cfg.storage_options or None
+    url = cfg.out
     try:
-        create(cfg.out, plan, kind="codes", num_codebooks=quantizer.num_codebooks,
+        create(url, plan, kind="codes", num_codebooks=quantizer.num_codebooks,
                codebook_size=quantizer.codebook_size, frame_rate=teacher.frame_rate, teacher=meta,
                quantizer=qstate, storage_options=so, exist_ok=True)
         for url, dtype in floats:
             create(url, fplan, kind="float", dim=teacher.dim, dtype=dtype, frame_rate=teacher.frame_rate,
                    teacher=meta, storage_options=so, exist_ok=True)
-    except Exception as e:  # StoreError: mismatched quantizer, different plan, not a store...
-        raise ExtractionError(str(e)) from e
+    except Exception as e:  # StoreError: mismatched quantizer, different plan, not a store; OSError: a file there
+        msg = str(e) if isinstance(e, StoreError) else f"output store {url}: cannot create it ({e})"
+        raise ExtractionError(msg) from e
     by_id = {u.id: u for u in utts}
     tasks = []
     # largest shards first: Dask runs tasks roughly in submission order, so the last to finish are the smallest

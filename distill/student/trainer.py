@@ -24,6 +24,11 @@ from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
 from distill.schedule import warmup_cosine_lr
 
 
+class TrainingError(ValueError):
+    """train-student / evaluate cannot run as asked (options that contradict each other or the label store, a run
+    directory that is not one or holds other settings); the message names the option or directory."""
+
+
 @dataclass
 class TrainConfig(JSONConfig):
     kd: str = "none"  # none | mvq | l1 | l2
@@ -60,7 +65,11 @@ class _SkipFirst(torch.utils.data.Sampler):
 def build_model(student_cfg: dict):
     from distill.student.model import StudentConfig, Transducer
 
-    return Transducer(StudentConfig(**student_cfg))
+    try:
+        cfg = StudentConfig.from_dict(student_cfg)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"student architecture (--student): {e}") from e
+    return Transducer(cfg)
 
 
 def train_student(train_manifest, out_dir: str, *, labels: str | None = None, dev_manifest=None,
@@ -72,9 +81,9 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
 
     cfg = cfg or TrainConfig()
     if cfg.kd not in ("none", "mvq", "l1", "l2"):
-        raise ValueError(f"--kd must be none, mvq, l1 or l2, got {cfg.kd!r}")
+        raise TrainingError(f"--kd must be none, mvq, l1 or l2, got {cfg.kd!r}")
     if cfg.kd != "none" and labels is None:
-        raise ValueError(f"--kd {cfg.kd} needs --labels (a CI store for mvq, a float-label store for l1/l2)")
+        raise TrainingError(f"--kd {cfg.kd} needs --labels (a CI store for mvq, a float-label store for l1/l2)")
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     ckpt = os.path.join(out_dir, "last.safetensors")
@@ -93,16 +102,16 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
         log(f"skipping {len(ds.dropped)} utterance(s) whose labels failed extraction: "
             f"{sorted(ds.dropped)[:5]}")
     if cfg.kd == "mvq" and ds.kind != "codes":
-        raise ValueError(f"--kd mvq needs a CI (codes) store, {labels} is a {ds.kind} store")
+        raise TrainingError(f"--kd mvq needs a CI (codes) store, {labels} is a {ds.kind} store")
     if cfg.kd in ("l1", "l2") and ds.kind != "float":
-        raise ValueError(f"--kd {cfg.kd} needs a float-label store, {labels} is a {ds.kind} store")
+        raise TrainingError(f"--kd {cfg.kd} needs a float-label store, {labels} is a {ds.kind} store")
     cfg_path = os.path.join(out_dir, "config.json")
     if resuming:
         with open(cfg_path) as f:
             saved = json.load(f)
         student_cfg = saved["student"]
         if saved["train"] != cfg.to_dict():
-            raise ValueError(f"{out_dir} holds a run with other training settings; use a new directory. "
+            raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
                              f"saved: {saved['train']}")
     else:
         student_cfg = dict(student or {})
@@ -195,7 +204,12 @@ def _append(path: str, rec: dict) -> None:
 
 def load_student(run_dir: str):
     """(model, tokenizer) from a run directory's last checkpoint, in eval mode."""
-    with open(os.path.join(run_dir, "config.json")) as f:
+    need = [os.path.join(run_dir, n) for n in ("config.json", "last.safetensors", "tokenizer.json")]
+    missing = [os.path.basename(p) for p in need if not os.path.isfile(p)]
+    if missing:
+        raise TrainingError(f"{run_dir}: not a train-student run directory (no {', '.join(missing)}); give the "
+                            f"--out directory of a `ci-store train-student` run that saved a checkpoint")
+    with open(need[0]) as f:
         saved = json.load(f)
     model = build_model(saved["student"])
     load_checkpoint(os.path.join(run_dir, "last.safetensors"), model, None, restore_rng=False)

@@ -32,7 +32,7 @@ def min_samples_for(num_frames, upper: int = 1 << 20) -> int:
     """Smallest sample count giving at least one frame (num_frames is monotone), by binary search."""
     lo, hi = 1, upper
     if num_frames(hi) < 1:
-        raise ValueError("teacher produces no frames even for very long inputs")
+        raise TeacherError("teacher produces no frames even for very long inputs")
     while lo < hi:
         mid = (lo + hi) // 2
         if num_frames(mid) >= 1:
@@ -95,7 +95,7 @@ class Teacher:
 
     def _check_layer(self, layer: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= self.num_layers:
-            raise ValueError(f"teacher {self.name!r} ({self.source}): layer {layer!r} out of range; "
+            raise TeacherError(f"teacher {self.name!r} ({self.source}): layer {layer!r} out of range; "
                              f"valid layers are 0..{self.num_layers} (0 = input of the first transformer layer)")
         return layer
 

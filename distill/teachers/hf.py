@@ -15,7 +15,7 @@ import threading
 import fsspec
 import torch
 
-from distill.teachers.base import Teacher, min_samples_for, sha256_of_files
+from distill.teachers.base import Teacher, TeacherError, min_samples_for, sha256_of_files
 
 __all__ = ["HFTeacher", "load_hf_teacher", "is_hf_weight_file", "HF_SUPPORTED_MODEL_TYPES"]
 
@@ -42,7 +42,7 @@ class HFTeacher(Teacher):
                  source: str):
         cfg = model.config
         if getattr(cfg, "add_adapter", False):
-            raise ValueError(f"{source}: wav2vec2 checkpoints with an adapter are not supported")
+            raise TeacherError(f"{source}: wav2vec2 checkpoints with an adapter are not supported")
         self.name = str(cfg.model_type)
         self.source, self.checkpoint_sha256 = source, checkpoint_sha256
         self.num_layers = int(cfg.num_hidden_layers)
@@ -133,12 +133,12 @@ def _load_local(local_dir: str, *, layer: int, source: str) -> HFTeacher:
     model_type = cfg.get("model_type")
     classes = {"hubert": transformers.HubertModel, "wav2vec2": transformers.Wav2Vec2Model}
     if model_type not in classes:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+        raise TeacherError(f"{source}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(HF_SUPPORTED_MODEL_TYPES)})")
     weights = [n for n in names if is_hf_weight_file(n)]
     safetensors = [n for n in weights if ".safetensors" in n]
     if not weights:
-        raise ValueError(f"{source}: no weight files (model.safetensors or pytorch_model.bin) in the directory")
+        raise TeacherError(f"{source}: no weight files (model.safetensors or pytorch_model.bin) in the directory")
     pre = {}
     if "preprocessor_config.json" in names:
         with open(os.path.join(local_dir, "preprocessor_config.json"), encoding="utf-8") as f:
@@ -151,7 +151,7 @@ def _load_local(local_dir: str, *, layer: int, source: str) -> HFTeacher:
     missing = [k for k in info.get("missing_keys", []) if not any(s in k for s in _IGNORABLE_MISSING)]
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
-        raise ValueError(f"{source}: checkpoint does not match its config; missing weights {sorted(missing)[:10]}"
+        raise TeacherError(f"{source}: checkpoint does not match its config; missing weights {sorted(missing)[:10]}"
                          f"{', mismatched ' + str(list(mismatched)[:10]) if mismatched else ''}")
     return HFTeacher(model, layer=layer, normalize=bool(pre.get("do_normalize", False)),
                      sample_rate=int(pre.get("sampling_rate", 16000)), checkpoint_sha256=sha, source=source)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ci_store.fsio import write_file
 from distill.config import JSONConfig
-from distill.teachers.base import Teacher, min_samples_for
+from distill.teachers.base import Teacher, TeacherError, min_samples_for
 
 __all__ = ["NATIVE_FORMAT", "NATIVE_VERSION", "NativeTeacherConfig", "NativeTeacherModel", "NativeTeacherOutput",
            "NativeTeacher", "log_mel", "num_mel_frames", "mel_filterbank", "save_native_teacher",
@@ -102,9 +102,11 @@ class NativeTeacherConfig(JSONConfig):
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} must be divisible by num_heads {self.num_heads}")
+            raise TeacherError(f"d_model {self.d_model} must be divisible by num_heads {self.num_heads}")
         if self.num_layers < 1:
-            raise ValueError("num_layers must be >= 1")
+            raise TeacherError("num_layers must be >= 1")
+
+    config_error = TeacherError  # an unknown key in a checkpoint's config is a bad checkpoint
 
 
 class NativeTeacherOutput(NamedTuple):
@@ -221,14 +223,14 @@ class NativeTeacherModel(nn.Module):
 def read_safetensors_metadata(data: bytes) -> dict:
     """The `__metadata__` dict of a safetensors blob (header only; nothing is executed)."""
     if len(data) < 8:
-        raise ValueError("not a safetensors file (too short)")
+        raise TeacherError("not a safetensors file (too short)")
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data):
-        raise ValueError("not a safetensors file (bad header length)")
+        raise TeacherError("not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("not a safetensors file (header is not JSON)") from None
+        raise TeacherError("not a safetensors file (header is not JSON)") from None
     return dict(header.get("__metadata__") or {})
 
 
@@ -264,20 +266,20 @@ def _model_from_bytes(data: bytes, source: str) -> NativeTeacherModel:
 
     meta = read_safetensors_metadata(data)
     if meta.get("format") != NATIVE_FORMAT:
-        raise ValueError(f"{source}: safetensors file is not a {NATIVE_FORMAT} checkpoint "
+        raise TeacherError(f"{source}: safetensors file is not a {NATIVE_FORMAT} checkpoint "
                          f"(metadata format={meta.get('format')!r})")
     if meta.get("version") != str(NATIVE_VERSION):
-        raise ValueError(f"{source}: unsupported {NATIVE_FORMAT} version {meta.get('version')!r} "
+        raise TeacherError(f"{source}: unsupported {NATIVE_FORMAT} version {meta.get('version')!r} "
                          f"(this code reads version {NATIVE_VERSION})")
     try:
         config = NativeTeacherConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{source}: bad native teacher config in metadata ({e})") from None
+        raise TeacherError(f"{source}: bad native teacher config in metadata ({e})") from None
     model = NativeTeacherModel(config)
     try:
         model.load_state_dict(load(data), strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{source}: weights do not match the stored config ({e})") from None
+        raise TeacherError(f"{source}: weights do not match the stored config ({e})") from None
     return model
 
 

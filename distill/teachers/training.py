@@ -28,7 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ci_store.fsio import write_file
 from distill.config import JSONConfig
-from distill.data.audio import read_audio
+from distill.data.audio import probe_missing, read_audio
 from distill.data.manifest import Utterance, load_manifest
 from distill.data.sampler import bucket_batches
 from distill.schedule import warmup_cosine_lr
@@ -154,6 +154,10 @@ def _as_utts(manifest, what: str) -> list[Utterance]:
         utts = list(manifest)
     if not utts:
         raise TeacherDataError(f"{what}: no utterances")
+    # lengths from the file headers where the manifest gives none (an unreadable file: AudioError naming it)
+    need = [i for i, u in enumerate(utts) if u.sample_rate is None or (u.num_samples is None and u.duration is None)]
+    for i, u in zip(need, probe_missing([utts[i] for i in need])):
+        utts[i] = u
     return utts
 
 
