@@ -296,11 +296,12 @@ def test_backend_over_s3_with_dataloader_workers(icefall_cuts, s3_bucket, monkey
     monkeypatch.setenv(backend.ENV_STORAGE_OPTIONS, json.dumps(opts))
     want = [collate_custom_field(CutSet.from_cuts(attached[k::2]), FIELD, pad_value=-100) for k in (0, 1)]
     assert backend._open and {k[0] for k in backend._open} == {os.getpid()}   # the parent has one open
-    dl = torch.utils.data.DataLoader(_Batches(attached), batch_size=None, num_workers=2,
-                                     multiprocessing_context="fork")
-    pids = set()
-    for i, (pid, codes, lens, cache_pids) in enumerate(dl):
-        pids.add(pid)
-        assert pid != os.getpid() and cache_pids == [pid]     # opened in the worker, nothing inherited kept
-        assert torch.equal(codes, want[i % 2][0]) and torch.equal(lens, want[i % 2][1])
-    assert len(pids) == 2
+    for context, workers in (("fork", 2), ("spawn", 1)):     # spawn: what DDP ranks (mp.spawn) see
+        dl = torch.utils.data.DataLoader(_Batches(attached), batch_size=None, num_workers=workers,
+                                         multiprocessing_context=context)
+        pids = set()
+        for i, (pid, codes, lens, cache_pids) in enumerate(dl):
+            pids.add(pid)
+            assert pid != os.getpid() and cache_pids == [pid]     # opened in the worker, nothing inherited kept
+            assert torch.equal(codes, want[i % 2][0]) and torch.equal(lens, want[i % 2][1])
+        assert len(pids) == workers

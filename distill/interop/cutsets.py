@@ -1,6 +1,8 @@
 """Reading and writing lhotse CutSets for the interop commands, with errors that name the file."""
 from __future__ import annotations
 
+import os
+
 from ci_store.errors import duplicate_ids, name_some
 
 from . import InteropError
@@ -27,7 +29,10 @@ def read_cuts(path) -> list:
 
 
 def write_cuts(cuts, path) -> None:
-    """Write a CutSet manifest (lhotse picks the format from the name, e.g. .jsonl.gz)."""
+    """Write a CutSet manifest (lhotse picks the format from the name, e.g. .jsonl.gz); local folders are made."""
     from lhotse import CutSet
 
+    from ci_store.fsio import is_local, local_path
+    if is_local(str(path)):
+        os.makedirs(os.path.dirname(os.path.abspath(local_path(str(path)))), exist_ok=True)
     CutSet.from_cuts(cuts).to_file(path)
