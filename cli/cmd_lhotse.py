@@ -1,4 +1,4 @@
-"""`ci-store attach | import-lhotse | export-lhotse`: use a store from lhotse/icefall recipes, and migrate CIs in and out."""
+"""`ci-store attach | import-lhotse | export-lhotse`: a store in lhotse/icefall recipes; CIs migrated in and out."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,7 @@ def _run(fn, *args, **kwargs):
 def _report_failed(failed: dict, what: str) -> None:
     if failed:
         click.echo(f"{len(failed)} cuts have no labels (failed extraction) and were {what}:", err=True)
-        for cid, reason in list(sorted(failed.items()))[:20]:
+        for cid, reason in sorted(failed.items())[:20]:
             click.echo(f"  {cid}: {reason}", err=True)
         if len(failed) > 20:
             click.echo(f"  ... ({len(failed) - 20} more)", err=True)

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 from click.testing import CliRunner
-from lhotse import CutSet, MonoCut, NumpyFilesWriter, NumpyHdf5Writer, Recording
+from lhotse import CutSet, MonoCut, NumpyHdf5Writer, Recording
 from lhotse.array import seconds_to_frames
 from lhotse.dataset.collation import collate_custom_field
 
@@ -15,7 +15,13 @@ import distill.interop.lhotse_backend as backend
 from ci_store import create, open_store, plan_shards
 from cli.main import main
 from distill.codec import MultiCodebookQuantizer, QuantizerError
-from distill.codec.reference import ReferenceQuantizer, decoder_from_state, decoder_from_store
+from distill.codec.reference import (
+    ReferenceQuantizer,
+    decoder_from_state,
+    decoder_from_store,
+    load_quantizer_file,
+    store_quantizer,
+)
 from distill.interop import InteropError
 from distill.interop.cutsets import read_cuts
 from distill.interop.lhotse_backend import attach_store, set_storage_options
@@ -164,11 +170,15 @@ def test_multi_quantization_quantizer_decodes_from_store(tmp_path):
     assert q2.get_id() == q.get_id() and torch.equal(q2.decode(codes["c0"]), q.decode(codes["c0"]))
 
 
-def test_decoder_from_state_picks_our_quantizer_too():
+def test_decoder_from_state_picks_our_quantizer_too(tmp_path):
     rng = np.random.default_rng(1)
     ours = MultiCodebookQuantizer(12, 4, 16, mean=rng.standard_normal(12).astype(np.float32),
                                   codebooks=rng.standard_normal((4, 16, 12)).astype(np.float32))
-    dec = decoder_from_state((ours.config, ours.to_arrays()))
+    ours.save(tmp_path / "q.safetensors")
+    loaded = load_quantizer_file(tmp_path / "q.safetensors")      # told apart from a torch.save file
+    st = create(str(tmp_path / "s"), plan_shards([("u", 30)], 64), num_codebooks=4, codebook_size=16,
+                frame_rate=50.0, quantizer=store_quantizer(loaded))
+    dec = decoder_from_store(st)
     codes = rng.integers(0, 16, (30, 4)).astype(np.uint8)
     assert isinstance(dec, MultiCodebookQuantizer) and np.array_equal(dec.decode(codes), ours.decode(codes))
     with pytest.raises(QuantizerError, match="unknown quantizer format 'other'"):
@@ -189,7 +199,7 @@ def test_field_missing_on_some_cuts(icefall_cuts, tmp_path):
 
 
 def test_manifest_shape_disagrees_with_data(icefall_cuts, tmp_path):
-    path, arrays = icefall_cuts
+    path, _ = icefall_cuts
     cuts = CutSet.from_file(path).to_eager()
     c = cuts["long-2"]
     c.codebook_indexes.array.shape = [c.codebook_indexes.array.shape[0], NCB - 1]   # wrong width in the manifest
@@ -234,7 +244,8 @@ def test_pickled_object_in_quantizer_file_is_refused(icefall_cuts, tmp_path):
     torch.save(sd, tmp_path / "evil.pt")
     err = _fails("import-lhotse", path, "--out", tmp_path / "s", "--quantizer", tmp_path / "evil.pt")
     assert "evil.pt: refused to load" in err and "weights_only" in err
-    with pytest.raises(QuantizerError, match=r"other.pt: not a multi_quantization Quantizer state dict: lacks to_logits.weight.*\(has w\)"):
+    with pytest.raises(QuantizerError, match=r"other.pt: not a multi_quantization Quantizer state dict: "
+                                             r"lacks to_logits.weight.*\(has w\)"):
         torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
         ReferenceQuantizer.load(tmp_path / "other.pt")
     # the quantizer must match the codes
@@ -259,6 +270,9 @@ def test_attach_reports_failed_cuts(tmp_path):
     CutSet.from_cuts(cuts).to_file(tmp_path / "cuts.jsonl.gz")
     r = _ok("attach", tmp_path / "cuts.jsonl.gz", tmp_path / "s", "--out", tmp_path / "o.jsonl.gz")
     assert "1 cuts have no labels" in r.output and "u1: teacher crashed" in r.output
+    exported, failed = export_lhotse(str(tmp_path / "s"), cuts, str(tmp_path / "exp.h5"))
+    assert failed == {"u1": "teacher crashed"} and [c.id for c in exported] == ["u0", "u2"]
+    assert np.array_equal(exported[0].load_custom(FIELD), a0) and np.array_equal(exported[1].load_custom(FIELD), a2)
 
 
 # ---------------------------------------------------------------------------------------- S3 and workers
@@ -305,3 +319,23 @@ def test_backend_over_s3_with_dataloader_workers(icefall_cuts, s3_bucket, monkey
             assert pid != os.getpid() and cache_pids == [pid]     # opened in the worker, nothing inherited kept
             assert torch.equal(codes, want[i % 2][0]) and torch.equal(lens, want[i % 2][1])
         assert len(pids) == workers
+
+
+def test_import_stops_on_unreadable_data_and_resumes(icefall_cuts, tmp_path):
+    """A data problem in a later shard stops the import naming cut and file; the shards before it are kept and
+    --resume finishes the store once the manifest is fixed."""
+    path, arrays = icefall_cuts
+    cuts = CutSet.from_file(path).to_eager()
+    cuts["long-3"].codebook_indexes.array.storage_key = "no-such-key"
+    CutSet.from_cuts(cuts).to_file(tmp_path / "broken.jsonl.gz")
+    store = tmp_path / "s"
+    err = _fails("import-lhotse", tmp_path / "broken.jsonl.gz", "--out", store, "--shard-frames", 256)
+    assert "cut 'long-3' field 'codebook_indexes' (numpy_hdf5" in err and "cannot be read" in err
+    st = open_store(str(store))
+    assert st.num_shards == 3 and st.completed_shards() == {0, 1}
+    err = _fails("import-lhotse", path, "--out", store, "--shard-frames", 256)
+    assert "already holds a ci-store; refusing to overwrite it" in err and "--resume" in err
+    r = _ok("import-lhotse", path, "--out", store, "--shard-frames", 256, "--resume")
+    assert '"resumed_shards": 2' in r.output
+    st = open_store(str(store))
+    assert st.completed_shards() == {0, 1, 2} and all(np.array_equal(st[k], a) for k, a in arrays.items())

@@ -34,6 +34,7 @@ ENV_STORAGE_OPTIONS = "CI_STORE_STORAGE_OPTIONS"
 _prefix_options: dict[str, dict] = {}
 _open: dict[tuple[int, str, str], object] = {}
 _lock = threading.Lock()
+_lock_pid = os.getpid()
 
 
 def set_storage_options(options: dict | None, prefix: str = "") -> None:
@@ -74,6 +75,9 @@ def open_cached(url: str):
     key = (pid, url, json.dumps(opts, sort_keys=True, default=str))
     st = _open.get(key)
     if st is None:
+        global _lock, _lock_pid
+        if _lock_pid != pid:            # a lock inherited through fork may be held by a thread that is gone
+            _lock, _lock_pid = threading.Lock(), pid
         with _lock:
             for k in [k for k in _open if k[0] != pid]:   # handles inherited through fork: never used here
                 del _open[k]

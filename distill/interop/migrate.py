@@ -138,6 +138,14 @@ def import_lhotse(cuts, out_url: str, *, field: str = "codebook_indexes", quanti
     K = 256 if codebook_size is None else codebook_size
     plan = plan_shards([(c.id, frames[c.id]) for c in cuts], shard_frames or default_shard_frames("codes"))
     extra = {"imported_from": {"field": field, "source": source, "frame_shift": fs}}
+    if not exist_ok:
+        try:
+            open_store(out_url, storage_options=storage_options)
+        except StoreError:
+            pass                                       # nothing there (create() refuses anything else there)
+        else:
+            raise InteropError(f"{out_url} already holds a ci-store; refusing to overwrite it (to continue an "
+                               f"interrupted import into it: --resume / exist_ok=True)")
     try:
         store = create(out_url, plan, kind="codes", num_codebooks=width, codebook_size=K, frame_rate=1.0 / fs,
                        teacher=teacher, quantizer=qstate, storage_options=storage_options, exist_ok=exist_ok,
@@ -178,8 +186,8 @@ def export_lhotse(store_url: str, cuts, storage_path: str, *, field: str = "code
     Cuts whose extraction failed are left out and returned with their reasons; cuts the store lacks are an
     error. The arrays are read back through lhotse and compared before returning.
     """
-    from lhotse.features.io import close_cached_file_handles, get_writer
     from lhotse.cut import MonoCut
+    from lhotse.features.io import close_cached_file_handles, get_writer
 
     if storage_type not in LOSSLESS_WRITERS:
         raise InteropError(f"storage type {storage_type!r} is not supported: codebook indexes need a lossless "
