@@ -126,6 +126,8 @@ def test_export_lhotse_reads_back_equal(icefall_cuts, tmp_path):
     # never overwrite an existing lhotse storage
     err = _fails("export-lhotse", store, path, "--storage-path", tmp_path / "exp" / "ci.h5", "--out", tmp_path / "x")
     assert "already exists" in err
+    with pytest.raises(InteropError, match="must be a local path"):
+        export_lhotse(str(store), read_cuts(path), "s3://bucket/ci.h5")
 
 
 def _trained_reference_quantizer(bytes_per_frame=4, dim=16):

@@ -193,6 +193,9 @@ def export_lhotse(store_url: str, cuts, storage_path: str, *, field: str = "code
         raise InteropError(f"storage type {storage_type!r} is not supported: codebook indexes need a lossless "
                            f"writer ({', '.join(LOSSLESS_WRITERS)}); lilcom is lossy")
     storage_path = str(storage_path)
+    if "://" in storage_path or "::" in storage_path:
+        raise InteropError(f"--storage-path must be a local path (lhotse's HDF5 writer needs one), "
+                           f"got {storage_path}")
     cuts = list(cuts)
     try:
         store = open_store(store_url, storage_options=storage_options)
