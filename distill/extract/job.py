@@ -39,6 +39,8 @@ class ExtractionConfig:
     threads_per_worker: int = 1
     min_seconds: float = 0.1  # shorter audio is recorded as a failure ("too short")
     device: str = "cpu"
+    teacher_kind: str | None = None  # load_teacher(kind=): None detects the format from the files
+    short_input: str | None = None  # Whisper teachers: mode for inputs under 30 s (None: the teacher's default)
 
     def float_targets(self) -> list[tuple[str, str]]:
         """[(url, dtype)] of the float-label stores written alongside the CI store."""
@@ -108,10 +110,11 @@ def _models(cfg: ExtractionConfig):
     torch.set_num_threads(cfg.threads_per_worker)
     if not _MODELS:
         undo_dask_malloc_trim()
-    key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
+    key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device, cfg.teacher_kind, cfg.short_input)
     if key not in _MODELS:
         teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
-                               storage_options=cfg.storage_options or None)
+                               storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
+                               short_input=cfg.short_input)
         quantizer = MultiCodebookQuantizer.load(cfg.quantizer).to(cfg.device)
         _MODELS.clear()
         _MODELS[key] = (teacher, quantizer)
@@ -207,8 +210,12 @@ def _encode_all(quantizer, embeddings: dict[str, np.ndarray], batch_frames: int)
 
 
 def _teacher_meta(teacher) -> dict:
-    return {"name": teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256, "layer": teacher.layer,
+    meta = {"name": teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256, "layer": teacher.layer,
             "sample_rate": teacher.sample_rate, "dim": teacher.dim}
+    if getattr(teacher, "kind", None):  # Whisper teachers: format, size and how short inputs were run
+        full = teacher.metadata()
+        meta.update({k: full[k] for k in ("kind", "size", "num_layers", "short_input", "window_seconds")})
+    return meta
 
 
 def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHARD_FRAMES,
@@ -224,7 +231,8 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     check_unique_ids(utts)
     utts = probe_all(utts, manifest_storage_options)
     teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
-                           storage_options=cfg.storage_options or None)
+                           storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
+                           short_input=cfg.short_input)
     quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
     if quantizer.dim != teacher.dim:
         raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "
