@@ -193,6 +193,29 @@ def test_batch_invariance_frames_and_windows(hf_whisper, mode):
     assert torch.equal(again, frames)  # deterministic
 
 
+def test_fsspec_urls_give_the_local_frames(hf_whisper, s3_bucket):
+    """A CTranslate2 folder on a non-local filesystem (memory://) and the HF folder and .pt on S3 (moto)."""
+    import fsspec
+
+    _, _, hf_dir, pt = hf_whisper
+    w, lens = _waves([7_000, 3_333])
+    mem = fsspec.filesystem("memory")
+    with open(os.path.join(BUNDLED, "model.bin"), "rb") as f:
+        mem.pipe("/whisper-ct2/model.bin", f.read())
+    remote = load_teacher("memory://whisper-ct2", layer=2)
+    local = load_teacher(BUNDLED, layer=2)
+    assert remote.checkpoint_sha256 == local.checkpoint_sha256
+    torch.testing.assert_close(remote.embed(w, lens)[0], local.embed(w, lens)[0], rtol=0, atol=0)
+    bucket, opts = s3_bucket
+    s3 = fsspec.filesystem("s3", **opts)
+    s3.put(hf_dir + "/", f"{bucket}/hf/", recursive=True)
+    s3.put(pt, f"{bucket}/tiny-random.pt")
+    for url, path in ((f"{bucket}/hf", hf_dir), (f"{bucket}/tiny-random.pt", pt)):
+        a, b = load_teacher(url, layer=3, storage_options=opts), load_teacher(path, layer=3)
+        assert a.checkpoint_sha256 == b.checkpoint_sha256 and a.kind == b.kind
+        torch.testing.assert_close(a.embed(w, lens)[0], b.embed(w, lens)[0], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_name_the_file(tmp_path, hf_whisper):

@@ -421,6 +421,8 @@ def detect_whisper_kind(fs, p: str, source: str) -> str | None:
             raise TeacherError(f"{source}: folder holds both a CTranslate2 model.bin and a Hugging Face Whisper "
                                f"config; pass --teacher-kind ({' or '.join(kinds)})")
         return kinds[0] if kinds else None
+    if p.endswith("model.bin"):
+        return "whisper-ct2"
     return "whisper-openai" if p.endswith(".pt") else None
 
 
@@ -457,7 +459,7 @@ def load_whisper_teacher(path_or_url: str, *, layer: int, kind: str | None = Non
                         pass
         else:
             with fs.open(f, "rb") as fh:
-                enc = _from_ct2(fh.read(), url + "/model.bin")
+                enc = _from_ct2(fh.read(), f"{url.rstrip('/')}/model.bin" if f != p else url)
     elif kind == "whisper-openai":
         sha = sha256_of_files([p], opener=fs.open)
         with fs.open(p, "rb") as fh:
