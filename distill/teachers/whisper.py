@@ -234,17 +234,14 @@ class WhisperTeacher(Teacher):
     def _run_windows(self, waveforms: torch.Tensor, rows: list[tuple[int, int, int]]) -> torch.Tensor:
         c, w = self.model.config, self.window_samples
         total = 2 * c.n_ctx
-        nfr = [self._window_frames(m) for _, _, m in rows]
-        if self.short_input == "pad30":
-            width, t_in = w, total
-            mel_len = frame_len = None
-        else:
-            mel_len = [min(total, 2 * f + 1) for f in nfr]  # the conv inputs of the kept frames
-            frame_len = nfr
         norm = [min(total, -(-(m + N_FFT // 2) // HOP)) for _, _, m in rows]  # frames touching the samples
-        if self.short_input != "pad30":
+        if self.short_input == "pad30":
+            width, t_in, mel_len, frame_len = w, total, None, None
+        else:
+            frame_len = [self._window_frames(m) for _, _, m in rows]
+            mel_len = [min(total, 2 * f + 1) for f in frame_len]  # exactly the conv inputs of the kept frames
             t_in = max(max(mel_len), max(norm))
-            width = min(w, HOP * t_in + N_FFT)
+            width = min(w, HOP * t_in + N_FFT)  # frames < t_in never reach the STFT's end padding
         wav = waveforms.new_zeros(len(rows), width)
         for r, (b, s, m) in enumerate(rows):
             wav[r, :m] = waveforms[b, s:s + m]
