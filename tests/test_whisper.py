@@ -144,13 +144,26 @@ def hf_whisper(tmp_path_factory):
                                      max_target_positions=32, pad_token_id=1, bos_token_id=2, eos_token_id=2,
                                      decoder_start_token_id=3, begin_suppress_tokens=None,
                                      suppress_tokens=None)
-    model = transformers.WhisperModel(cfg).eval()
+    full = transformers.WhisperForConditionalGeneration(cfg).eval()  # keys model.encoder.*, as on the Hub
     root = tmp_path_factory.mktemp("whisper")
     hf_dir = str(root / "hf")
-    model.save_pretrained(hf_dir, safe_serialization=True)
+    full.save_pretrained(hf_dir, safe_serialization=True)
+    model = full.model
     pt = str(root / "tiny-random.pt")
     torch.save(_openai_checkpoint(model, cfg), pt)
     return model, cfg, hf_dir, pt
+
+
+@pytest.fixture(scope="module")
+def ct2_converted(hf_whisper, tmp_path_factory):
+    """The random HF checkpoint converted by ctranslate2's own converter: float32, int8 and bfloat16 weights."""
+    _, _, hf_dir, _ = hf_whisper
+    root = tmp_path_factory.mktemp("ct2")
+    out = {}
+    for q in ("float32", "int8", "bfloat16"):
+        out[q] = str(root / q)
+        ctranslate2.converters.TransformersConverter(hf_dir).convert(out[q], quantization=q)
+    return out
 
 
 def test_hf_and_openai_loaders_equal_transformers(hf_whisper):
@@ -169,6 +182,27 @@ def test_hf_and_openai_loaders_equal_transformers(hf_whisper):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4, msg=f"{path} layer {layer}")
     a, b = load_teacher(hf_dir, layer=1).model.state_dict(), load_teacher(pt, layer=1).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ct2_converter_output_loads_to_the_same_weights(hf_whisper, ct2_converted):
+    """All three loaders, one module: ctranslate2's converter output (float32) gives exactly the HF weights; its
+    int8 weights dequantise to within half a quantisation step of them, bfloat16 to bfloat16 rounding."""
+    _, cfg, hf_dir, _ = hf_whisper
+    ref = load_teacher(hf_dir, layer=3).model.state_dict()
+    f32 = load_teacher(ct2_converted["float32"], layer=3)
+    assert f32.kind == "whisper-ct2" and f32.model.config == load_teacher(hf_dir, layer=3).model.config
+    sd = f32.model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    q8 = load_teacher(ct2_converted["int8"], layer=3).model.state_dict()
+    matrices = [k for k in ref if k.endswith("weight") and ref[k].dim() >= 2]
+    assert any(not torch.equal(q8[k], ref[k]) for k in matrices)  # int8 in the file, dequantised at load
+    for k in matrices:
+        w = ref[k].reshape(ref[k].shape[0], -1)
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+        assert ((q8[k].reshape(w.shape) - w).abs() <= step / 2 + 1e-6).all(), k
+    bf = load_teacher(ct2_converted["bfloat16"], layer=3).model.state_dict()
+    for k in ref:
+        torch.testing.assert_close(bf[k], ref[k].to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["real-frames", "pad30"])

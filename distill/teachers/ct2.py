@@ -55,7 +55,8 @@ class CT2Model:
 
 
 def read_ct2_model(buf, source: str, *, want=lambda name: True) -> CT2Model:
-    """Parse a model.bin held in `buf` (bytes, memoryview or mmap); only variables with want(name) are kept."""
+    """Parse a model.bin held in `buf` (bytes, memoryview or mmap); variables (aliases resolved) with want(name)
+    are returned as views into `buf`."""
     mv = memoryview(buf)
     size = len(mv)
     pos = 0
@@ -105,10 +106,16 @@ def read_ct2_model(buf, source: str, *, want=lambda name: True) -> CT2Model:
             raise TeacherError(f"{source}: corrupt CTranslate2 model.bin: variable {name} of shape {list(shape)} "
                                f"declares {nbytes} bytes, expected {expect}")
         raw = take(nbytes, f"data of {name}")
-        if want(name):
-            variables[name] = (np.frombuffer(raw, dtype=_DTYPES[dt]).reshape(shape), dt)
+        variables[name] = (np.frombuffer(raw, dtype=_DTYPES[dt]).reshape(shape), dt)  # a view: no copy
     aliases = {}
     for i in range(u("I", "alias count")):
         alias = string(f"alias {i}")
         aliases[alias] = string(f"target of alias {alias}")
-    return CT2Model(spec, revision, variables, aliases)
+    # the converter stores equal variables once and names the others as aliases of it (anywhere in the model)
+    for alias, target in aliases.items():
+        if want(alias):
+            if target not in variables:
+                raise TeacherError(f"{source}: corrupt CTranslate2 model.bin: alias {alias} names missing "
+                                   f"variable {target}")
+            variables[alias] = variables[target]
+    return CT2Model(spec, revision, {k: v for k, v in variables.items() if want(k)}, aliases)
