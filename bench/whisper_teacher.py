@@ -30,11 +30,10 @@ def short_input(manifest: str, teacher: str, limit: int | None, threads: int) ->
     layers = list(range(modes["pad30"].num_layers + 1))
     captured: dict = {}
     for m, t in modes.items():  # every layer from one forward pass: hooks on the blocks' inputs and ln_post
-        blocks = t.model.blocks
-        for i, blk in enumerate(blocks):
+        top = len(t.model.blocks)
+        for i, blk in enumerate(t.model.blocks):
             blk.register_forward_pre_hook(lambda mod, args, m=m, i=i: captured.__setitem__((m, i), args[0]))
-        t.model.ln_post.register_forward_hook(
-            lambda mod, args, out, m=m, k=len(blocks): captured.__setitem__((m, k), out))
+        t.model.ln_post.register_forward_hook(lambda mod, args, out, m=m, k=top: captured.__setitem__((m, k), out))
     cos = {l: [] for l in layers}
     edge = []  # last layer, the utterance's last two frames: where the two modes' contexts differ most
     secs = {m: [] for m in modes}

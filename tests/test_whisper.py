@@ -187,7 +187,7 @@ def test_hf_and_openai_loaders_equal_transformers(hf_whisper):
 def test_ct2_converter_output_loads_to_the_same_weights(hf_whisper, ct2_converted):
     """All three loaders, one module: ctranslate2's converter output (float32) gives exactly the HF weights; its
     int8 weights dequantise to within half a quantisation step of them, bfloat16 to bfloat16 rounding."""
-    _, cfg, hf_dir, _ = hf_whisper
+    hf_dir = hf_whisper[2]
     ref = load_teacher(hf_dir, layer=3).model.state_dict()
     f32 = load_teacher(ct2_converted["float32"], layer=3)
     assert f32.kind == "whisper-ct2" and f32.model.config == load_teacher(hf_dir, layer=3).model.config
@@ -208,7 +208,7 @@ def test_ct2_converter_output_loads_to_the_same_weights(hf_whisper, ct2_converte
 @pytest.mark.parametrize("mode", ["real-frames", "pad30"])
 def test_batch_invariance_frames_and_windows(hf_whisper, mode):
     """Window = 2 * 160 * 64 samples here, so 50,001 samples run as three windows (2 full + 9,041 samples)."""
-    _, cfg, hf_dir, _ = hf_whisper
+    hf_dir = hf_whisper[2]
     t = load_teacher(hf_dir, layer=2, short_input=mode)
     assert t.window_samples == 20_480 and t.min_samples == 160
     assert [t.num_frames(n) for n in (159, 160, 319, 320, 480, 20_480, 50_001)] == [0, 1, 1, 1, 2, 64, 128 + 28]
@@ -253,7 +253,7 @@ def test_fsspec_urls_give_the_local_frames(hf_whisper, s3_bucket):
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_name_the_file(tmp_path, hf_whisper):
-    _, cfg, hf_dir, pt = hf_whisper
+    _, _, hf_dir, pt = hf_whisper
     neither = tmp_path / "neither"
     neither.mkdir()
     (neither / "weights.npz").write_bytes(b"x")

@@ -12,14 +12,11 @@ import posixpath
 
 import fsspec
 
-from distill.teachers.base import Teacher, TeacherError, min_samples_for, sha256_of_files
-from distill.teachers.whisper import (
-    SHORT_INPUT_MODES,
-    WHISPER_ALIASES,
-    WHISPER_KINDS,
-    WhisperTeacher,
-    detect_whisper_kind,
-    load_whisper_teacher,
+from distill.teachers.base import (
+    Teacher,
+    TeacherError,
+    min_samples_for,
+    sha256_of_files,
 )
 from distill.teachers.native import (
     NATIVE_FORMAT,
@@ -32,6 +29,14 @@ from distill.teachers.native import (
     num_mel_frames,
     read_safetensors_metadata,
     save_native_teacher,
+)
+from distill.teachers.whisper import (
+    SHORT_INPUT_MODES,
+    WHISPER_ALIASES,
+    WHISPER_KINDS,
+    WhisperTeacher,
+    detect_whisper_kind,
+    load_whisper_teacher,
 )
 
 __all__ = ["Teacher", "TeacherError", "load_teacher", "NativeTeacher", "NativeTeacherConfig", "NativeTeacherModel",
@@ -66,7 +71,9 @@ def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options:
         if not fs.exists(posixpath.join(p.rstrip("/"), "config.json")):
             raise TeacherError(f"{path_or_url}: directory has no config.json or model.bin (expected a HuggingFace "
                              f"model directory or a CTranslate2 / faster-whisper Whisper folder)")
-        from distill.teachers.hf import load_hf_teacher  # transformers is imported only when needed
+        from distill.teachers.hf import (
+            load_hf_teacher,  # transformers is imported only when needed
+        )
 
         teacher: Teacher = load_hf_teacher(path_or_url, layer=layer, storage_options=storage_options)
     elif p.endswith("config.json"):

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from distill.teachers.base import Teacher, TeacherError, min_samples_for, sha256_of_files
+from distill.teachers.base import (
+    Teacher,
+    TeacherError,
+    min_samples_for,
+    sha256_of_files,
+)
 
 __all__ = ["WhisperEncoderConfig", "WhisperEncoder", "WhisperTeacher", "whisper_log_mel", "whisper_mel_filters",
            "load_whisper_teacher", "detect_whisper_kind", "WHISPER_KINDS", "SHORT_INPUT_MODES",
@@ -106,7 +111,7 @@ class WhisperEncoderConfig:
     n_layers: int
     ffn_dim: int
 
-    def check(self, source: str) -> "WhisperEncoderConfig":
+    def check(self, source: str) -> WhisperEncoderConfig:
         for k, v in vars(self).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TeacherError(f"{source}: Whisper encoder size {k}={v!r} is not a positive integer")
@@ -288,23 +293,30 @@ def _from_ct2(data, source: str) -> WhisperEncoder:
         raise TeacherError(f"{source}: CTranslate2 Whisper model lacks encoder variable {e}") from None
     cfg.check(source)
     enc = WhisperEncoder(cfg)
+    t: dict = {}
+
+    def pair(ours: str, theirs: str, names=("weight", "bias")) -> None:
+        t[ours + ".weight"], t[ours + ".bias"] = (m.float32(f"{theirs}/{n}") for n in names)
+
     try:
-        t = {"conv1.weight": m.float32("encoder/conv1/weight"), "conv1.bias": m.float32("encoder/conv1/bias"),
-             "conv2.weight": m.float32("encoder/conv2/weight"), "conv2.bias": m.float32("encoder/conv2/bias"),
-             "positional_embedding": m.float32("encoder/position_encodings/encodings"),
-             "ln_post.weight": m.float32("encoder/layer_norm/gamma"), "ln_post.bias": m.float32("encoder/layer_norm/beta")}
+        pair("conv1", "encoder/conv1")
+        pair("conv2", "encoder/conv2")
+        pair("ln_post", "encoder/layer_norm", ("gamma", "beta"))
+        t["positional_embedding"] = m.float32("encoder/position_encodings/encodings")
         d = cfg.d_model
         for i in range(n_layers):
             p, q = f"encoder/layer_{i}/", f"blocks.{i}."
-            qkv_w, qkv_b = m.float32(p + "self_attention/linear_0/weight"), m.float32(p + "self_attention/linear_0/bias")
+            qkv_w, qkv_b = (m.float32(f"{p}self_attention/linear_0/{n}") for n in ("weight", "bias"))
             if qkv_w.shape[0] != 3 * d or qkv_b.shape[0] != 3 * d:
-                raise TeacherError(f"{source}: {p}self_attention/linear_0 has {qkv_w.shape[0]} rows, expected 3 x {d}")
+                raise TeacherError(f"{source}: {p}self_attention/linear_0 has {qkv_w.shape[0]} rows, "
+                                   f"expected 3 x {d}")
             t.update({q + "query.weight": qkv_w[:d], q + "query.bias": qkv_b[:d], q + "key.weight": qkv_w[d:2 * d],
-                      q + "value.weight": qkv_w[2 * d:], q + "value.bias": qkv_b[2 * d:]})
-            for ours, theirs in (("out", "self_attention/linear_1"), ("fc1", "ffn/linear_0"), ("fc2", "ffn/linear_1")):
-                t[q + ours + ".weight"], t[q + ours + ".bias"] = m.float32(p + theirs + "/weight"), m.float32(p + theirs + "/bias")
-            for ours, theirs in (("attn_ln", "self_attention/layer_norm"), ("mlp_ln", "ffn/layer_norm")):
-                t[q + ours + ".weight"], t[q + ours + ".bias"] = m.float32(p + theirs + "/gamma"), m.float32(p + theirs + "/beta")
+                      q + "value.weight": qkv_w[2 * d:], q + "value.bias": qkv_b[2 * d:]})  # key bias is zero
+            pair(q + "out", p + "self_attention/linear_1")
+            pair(q + "fc1", p + "ffn/linear_0")
+            pair(q + "fc2", p + "ffn/linear_1")
+            pair(q + "attn_ln", p + "self_attention/layer_norm", ("gamma", "beta"))
+            pair(q + "mlp_ln", p + "ffn/layer_norm", ("gamma", "beta"))
     except KeyError as e:
         raise TeacherError(f"{source}: CTranslate2 Whisper model lacks encoder variable {e}") from None
     return _fill(enc, t, source)
