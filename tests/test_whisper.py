@@ -288,6 +288,10 @@ def test_bad_inputs_name_the_file(tmp_path, hf_whisper):
     with pytest.raises(TeacherError, match="--teacher-kind"):
         load_teacher(str(both), layer=1)
     assert load_teacher(str(both), layer=1, kind="whisper-hf").kind == "whisper-hf"
+    with pytest.raises(TeacherError, match="native needs a .safetensors file"):
+        load_teacher(str(both), layer=1, kind="native")
+    with pytest.raises(TeacherError, match="teacher kind 'whisper' unknown"):
+        load_teacher(str(both), layer=1, kind="whisper")
 
 
 def test_alias_names_missing_extra(monkeypatch):

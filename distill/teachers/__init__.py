@@ -67,6 +67,8 @@ def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options:
                                     **whisper_opts).to(device).eval()
     if short_input is not None:
         raise TeacherError(f"{path_or_url}: --short-input applies to Whisper teachers only")
+    if kind == "native" and fs.isdir(p):
+        raise TeacherError(f"{path_or_url}: --teacher-kind native needs a .safetensors file, not a directory")
     if kind == "hf" or (kind is None and fs.isdir(p)):
         if not fs.exists(posixpath.join(p.rstrip("/"), "config.json")):
             raise TeacherError(f"{path_or_url}: directory has no config.json or model.bin (expected a HuggingFace "
