@@ -17,21 +17,27 @@ def _power_of_two(ctx, param, value):
 
 @main.command("sample-frames")
 @click.argument("manifest")
-@click.option("--teacher", required=True, help="Teacher checkpoint: HF HuBERT/wav2vec2 folder or ci-store .safetensors (path or fsspec URL).")
+@click.option("--teacher", required=True, help="Teacher checkpoint (path or fsspec URL): HF HuBERT/wav2vec2 folder, ci-store .safetensors, Whisper CTranslate2/faster-whisper folder, openai .pt or HF folder, or the alias whisper-tiny.en.")
 @click.option("--layer", type=int, required=True, help="Hidden layer whose output is distilled.")
+@click.option("--teacher-kind", type=click.Choice(["native", "hf", "whisper-ct2", "whisper-openai", "whisper-hf"]),
+              default=None, help="Teacher format, when detection from the files is ambiguous.")
+@click.option("--short-input", type=click.Choice(["real-frames", "pad30"]), default=None,
+              help="Whisper teachers: run inputs under 30 s on their own frames (default) or padded to 30 s.")
 @click.option("--out", "out_path", required=True, help="Where to write the sampled frames (.npy).")
 @click.option("--num-utterances", default=1000, show_default=True, help="Utterances drawn at random across the corpus.")
 @click.option("--max-frames", default=200_000, show_default=True, help="Cap on frames kept (random subset).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--storage-options", default=None, help="JSON dict passed to fsspec for manifest/audio/teacher URLs.")
-def sample_frames_cmd(manifest, teacher, layer, out_path, num_utterances, max_frames, seed, storage_options):
+def sample_frames_cmd(manifest, teacher, layer, teacher_kind, short_input, out_path, num_utterances, max_frames, seed,
+                      storage_options):
     """Embed a seeded random sample of MANIFEST's utterances: the quantizer's training data."""
     import numpy as np
 
     from distill.extract import sample_frames
 
     frames = sample_frames(manifest, teacher, layer, num_utterances=num_utterances, max_frames=max_frames,
-                           seed=seed, storage_options=json_object(storage_options, "--storage-options") or None)
+                           seed=seed, storage_options=json_object(storage_options, "--storage-options") or None,
+                           teacher_kind=teacher_kind, short_input=short_input)
     np.save(out_path, frames)
     click.echo(f"wrote {frames.shape[0]} frames x {frames.shape[1]} dims to {out_path}")
 
@@ -76,8 +82,12 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
 
 @main.command("extract")
 @click.argument("manifest")
-@click.option("--teacher", required=True, help="Teacher checkpoint (path or fsspec URL).")
+@click.option("--teacher", required=True, help="Teacher checkpoint (path or fsspec URL), as for sample-frames.")
 @click.option("--layer", type=int, required=True)
+@click.option("--teacher-kind", type=click.Choice(["native", "hf", "whisper-ct2", "whisper-openai", "whisper-hf"]),
+              default=None, help="Teacher format, when detection from the files is ambiguous.")
+@click.option("--short-input", type=click.Choice(["real-frames", "pad30"]), default=None,
+              help="Whisper teachers: run inputs under 30 s on their own frames (default) or padded to 30 s.")
 @click.option("--quantizer", required=True, help="Quantizer file from train-quantizer.")
 @click.option("--out", required=True, help="CI store URL (path, file://, s3://, gs://, memory://).")
 @click.option("--float-labels", multiple=True,
@@ -95,7 +105,7 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
               help="Keep Dask's statistical profiler and fast monitoring ticks in the embedded cluster (the "
                    "dashboard's Profile page); off by default for throughput.")
 @click.option("--no-progress", is_flag=True)
-def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dtype, workers, threads_per_worker,
+def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, out, float_labels, float_dtype, workers, threads_per_worker,
                 scheduler, shard_frames, batch_frames, storage_options, retries, dask_profile, no_progress):
     """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
     from distill.extract import DEFAULT_SHARD_FRAMES, ExtractionConfig, run_extraction
@@ -105,7 +115,8 @@ def extract_cmd(manifest, teacher, layer, quantizer, out, float_labels, float_dt
     dtypes = list(float_dtype or ["float16"]) * (len(float_labels) if len(float_dtype) <= 1 else 1)
     cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out,
                            float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=json_object(storage_options, "--storage-options"),
-                           batch_frames=batch_frames, threads_per_worker=threads_per_worker)
+                           batch_frames=batch_frames, threads_per_worker=threads_per_worker,
+                           teacher_kind=teacher_kind, short_input=short_input)
     report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,
                             shard_frames=shard_frames or DEFAULT_SHARD_FRAMES, progress=not no_progress,
                             retries=retries, dask_profile=dask_profile, log=click.echo)

@@ -5,12 +5,14 @@ import numpy as np
 
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import load_manifest
-from distill.extract.job import embed_utterance, load_teacher_checked
+from distill.extract.job import embed_utterance
+from distill.teachers import load_teacher
 from distill.extract.planning import ExtractionError, check_unique_ids
 
 def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
                   max_frames: int = 200_000, seed: int = 0, storage_options: dict | None = None,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, teacher_kind: str | None = None,
+                  short_input: str | None = None) -> np.ndarray:
     """Embed a seeded random sample of utterances drawn across the whole corpus (not the first N)."""
     from tqdm.auto import tqdm
 
@@ -18,7 +20,8 @@ def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: in
     check_unique_ids(utts)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(utts))
-    teacher = load_teacher_checked(teacher_path, layer=layer, device="cpu", storage_options=storage_options)
+    teacher = load_teacher(teacher_path, layer=layer, device="cpu", storage_options=storage_options,
+                           kind=teacher_kind, short_input=short_input)
     chunks, total, skipped = [], 0, []
     bar = tqdm(total=min(num_utterances, len(utts)), desc="sample-frames", disable=not progress)
     for idx in order[:num_utterances]:

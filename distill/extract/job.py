@@ -22,6 +22,7 @@ from ci_store.format import DEFAULT_CODES_SHARD_FRAMES as DEFAULT_SHARD_FRAMES
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import Utterance, load_manifest
 from distill.extract.cluster import embedded_cluster, has_bokeh, undo_dask_malloc_trim
+from distill.teachers import load_teacher
 from distill.extract.planning import (ExtractionError, check_unique_ids, float_layout_frames, frame_counts,
                                       plan_stores, probe_all)
 
@@ -40,6 +41,8 @@ class ExtractionConfig:
     threads_per_worker: int = 1
     min_seconds: float = 0.1  # shorter audio is recorded as a failure ("too short")
     device: str = "cpu"
+    teacher_kind: str | None = None  # load_teacher(kind=): None detects the format from the files
+    short_input: str | None = None  # Whisper teachers: mode for inputs under 30 s (None: the teacher's default)
 
     def float_targets(self) -> list[tuple[str, str]]:
         """[(url, dtype)] of the float-label stores written alongside the CI store."""
@@ -99,43 +102,6 @@ class ExtractionReport:
 _MODELS: dict = {}
 
 
-def _is_quantizer_file(path: str, storage_options: dict | None) -> bool:
-    """Whether `path` is a safetensors file with the MVQ quantizer's metadata (reads the header only)."""
-    import json
-
-    import fsspec
-
-    from distill.codec.quantizer import METADATA_KEY
-    try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 1 << 24:
-                return False
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        return METADATA_KEY in meta
-    except Exception:  # only used to improve an error message
-        return False
-
-
-def load_teacher_checked(path: str, *, layer: int, device="cpu", storage_options: dict | None = None):
-    """`load_teacher`, with every way the checkpoint can be unusable (missing, not a teacher, a quantizer file,
-    layer out of range) raised as TeacherError naming the file and what to give instead."""
-    from distill.teachers import TeacherError, load_teacher
-
-    what = "give a ci-store-teacher .safetensors (from `ci-store train-teacher`) or a HuggingFace model directory"
-    try:
-        return load_teacher(path, layer=layer, device=device, storage_options=storage_options)
-    except TeacherError:
-        raise
-    except FileNotFoundError as e:
-        raise TeacherError(f"teacher checkpoint not found: {path} ({what})") from e
-    except ValueError as e:
-        if _is_quantizer_file(path, storage_options):
-            raise TeacherError(f"{path}: is a quantizer file (from `ci-store train-quantizer`), not a teacher; "
-                               f"pass it as --quantizer and {what} as --teacher") from e
-        raise TeacherError(str(e)) from e
-
-
 def _models(cfg: ExtractionConfig):
     """Load teacher and quantizer once per worker process (not once per task)."""
     import torch
@@ -145,10 +111,11 @@ def _models(cfg: ExtractionConfig):
     torch.set_num_threads(cfg.threads_per_worker)
     if not _MODELS:
         undo_dask_malloc_trim()
-    key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device)
+    key = (cfg.teacher, cfg.layer, cfg.quantizer, cfg.device, cfg.teacher_kind, cfg.short_input)
     if key not in _MODELS:
-        teacher = load_teacher_checked(cfg.teacher, layer=cfg.layer, device=cfg.device,
-                                       storage_options=cfg.storage_options or None)
+        teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
+                               storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
+                               short_input=cfg.short_input)
         quantizer = MultiCodebookQuantizer.load(cfg.quantizer).to(cfg.device)
         _MODELS.clear()
         _MODELS[key] = (teacher, quantizer)
@@ -244,8 +211,12 @@ def _encode_all(quantizer, embeddings: dict[str, np.ndarray], batch_frames: int)
 
 
 def _teacher_meta(teacher) -> dict:
-    return {"name": teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256, "layer": teacher.layer,
+    meta = {"name": teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256, "layer": teacher.layer,
             "sample_rate": teacher.sample_rate, "dim": teacher.dim}
+    if getattr(teacher, "kind", None):  # Whisper teachers: format, size and how short inputs were run
+        full = teacher.metadata()
+        meta.update({k: full[k] for k in ("kind", "size", "num_layers", "short_input", "window_seconds")})
+    return meta
 
 
 def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHARD_FRAMES,
@@ -259,8 +230,9 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
         raise ExtractionError(f"manifest {manifest!r} has no utterances")
     check_unique_ids(utts)
     utts = probe_all(utts, manifest_storage_options)
-    teacher = load_teacher_checked(cfg.teacher, layer=cfg.layer, device="cpu",
-                                   storage_options=cfg.storage_options or None)
+    teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
+                           storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
+                           short_input=cfg.short_input)
     quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
     if quantizer.dim != teacher.dim:
         raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "

@@ -10,12 +10,16 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["Teacher", "TeacherError", "sha256_of_files", "min_samples_for"]
+__all__ = ["Teacher", "TeacherError", "TeacherFileNotFoundError", "sha256_of_files", "min_samples_for"]
 
 
 class TeacherError(ValueError):
     """A teacher checkpoint cannot be used as asked (unknown format, bad file, layer out of range); the message
     names the file or option and what to do."""
+
+
+class TeacherFileNotFoundError(TeacherError, FileNotFoundError):
+    """The teacher checkpoint does not exist (a TeacherError for the CLI, a FileNotFoundError for callers)."""
 
 
 def sha256_of_files(paths: Iterable[str], *, opener=open) -> str:
