@@ -16,17 +16,6 @@ tolerance_opt = click.option("--tolerance-frames", default=2, show_default=True,
                              help="Frames a cut's labels may differ from its duration x frame rate.")
 
 
-def _run(fn, *args, **kwargs):
-    """Project errors -> one `Error:` line (same as the other command modules)."""
-    from ci_store import StoreError
-    from distill.codec import QuantizerError
-    from distill.interop import InteropError
-    try:
-        return fn(*args, **kwargs)
-    except (InteropError, StoreError, QuantizerError) as e:
-        raise click.ClickException(str(e)) from None
-
-
 def _report_failed(failed: dict, what: str) -> None:
     if failed:
         click.echo(f"{len(failed)} cuts have no labels (failed extraction) and were {what}:", err=True)
@@ -52,8 +41,8 @@ def attach_cmd(cuts, store, field, out, tolerance_frames, storage_options):
     from distill.interop.cutsets import read_cuts, write_cuts
     from distill.interop.lhotse_backend import attach_store
     opts = json_object(storage_options, "--storage-options") or None
-    cs = _run(read_cuts, cuts)
-    attached, failed = _run(attach_store, cs, store, field=field, storage_options=opts,
+    cs = read_cuts(cuts)
+    attached, failed = attach_store(cs, store, field=field, storage_options=opts,
                             tolerance_frames=tolerance_frames)
     write_cuts(attached, out)
     _report_failed(failed, "left out")
@@ -81,9 +70,9 @@ def import_cmd(cuts, field, out, quantizer, codebook_size, shard_frames, teacher
     from distill.interop.cutsets import read_cuts
     from distill.interop.migrate import import_lhotse
     opts = json_object(storage_options, "--storage-options") or None
-    q = _run(load_quantizer_file, quantizer) if quantizer else None
-    cs = _run(read_cuts, cuts)
-    summary = _run(import_lhotse, cs, out, field=field, quantizer=q, codebook_size=codebook_size,
+    q = load_quantizer_file(quantizer) if quantizer else None
+    cs = read_cuts(cuts)
+    summary = import_lhotse(cs, out, field=field, quantizer=q, codebook_size=codebook_size,
                    shard_frames=shard_frames, storage_options=opts,
                    teacher=json_object(teacher, "--teacher") or None, exist_ok=resume,
                    tolerance_frames=tolerance_frames, source=str(cuts))
@@ -105,8 +94,8 @@ def export_cmd(store, cuts, storage_path, storage_type, field, out, storage_opti
     from distill.interop.cutsets import read_cuts, write_cuts
     from distill.interop.migrate import export_lhotse
     opts = json_object(storage_options, "--storage-options") or None
-    cs = _run(read_cuts, cuts)
-    exported, failed = _run(export_lhotse, store, cs, storage_path, field=field, storage_type=storage_type,
+    cs = read_cuts(cuts)
+    exported, failed = export_lhotse(store, cs, storage_path, field=field, storage_type=storage_type,
                             storage_options=opts)
     write_cuts(exported, out)
     _report_failed(failed, "left out")

@@ -32,6 +32,8 @@ EXIT_STATUSES: tuple[tuple[int, str, tuple[str, ...], str], ...] = (
     (9, "config/data", ("distill.synth.corpus:CorpusError", "distill.teachers.training:TeacherDataError",
                         "distill.student.trainer:TrainingError", "distill.data.alignment:AlignmentError"),
      "training or corpus options/data are unusable (transcripts, label kind, run directory, output directory)"),
+    (10, "lhotse interop", ("distill.interop:InteropError",),
+     "cuts, their custom field or the store cannot be attached, imported or exported"),
 )
 
 _BY_NAME = {name: status for status, _, names, _ in EXIT_STATUSES for name in names}
@@ -73,7 +75,7 @@ def epilog() -> str:
             "  1  `verify` found problems; or a bug (an unexpected error, printed with its traceback)",
             "  2  usage: a bad option or option value; or `extract` finished with failed utterances (listed)"]
     rows += [f"  {status}  {what}: {hint}" for status, what, _, hint in EXIT_STATUSES]
-    rows.append(f"Statuses 3-9 print one `Error:` line naming the file, utterance or option; --debug or "
+    rows.append(f"Statuses 3-10 print one `Error:` line naming the file, utterance or option; --debug or "
                 f"{DEBUG_ENV}=1 adds the traceback.")
     return "\b\n" + "\n".join(rows)
 
