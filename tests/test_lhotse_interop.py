@@ -73,9 +73,11 @@ def _ok(*args):
     return r
 
 
-def _fails(*args):
+def _fails(*args, status=10):
+    """The command refuses with one `Error:` line and the documented exit status (10: interop, 3: store,
+    7: quantizer; see `ci-store --help`)."""
     r = _cli(*args)
-    assert r.exit_code == 1 and "Error:" in r.output, r.output
+    assert r.exit_code == status and "Error:" in r.output and "Traceback" not in r.output, (r.exit_code, r.output)
     return r.output
 
 
@@ -244,7 +246,7 @@ def test_pickled_object_in_quantizer_file_is_refused(icefall_cuts, tmp_path):
     sd = Quantizer(dim=16, codebook_size=256, num_codebooks=NCB).state_dict()
     sd["extra"] = InteropError("not a tensor")              # any pickled object weights_only does not allow
     torch.save(sd, tmp_path / "evil.pt")
-    err = _fails("import-lhotse", path, "--out", tmp_path / "s", "--quantizer", tmp_path / "evil.pt")
+    err = _fails("import-lhotse", path, "--out", tmp_path / "s", "--quantizer", tmp_path / "evil.pt", status=7)
     assert "evil.pt: refused to load" in err and "weights_only" in err
     with pytest.raises(QuantizerError, match=r"other.pt: not a multi_quantization Quantizer state dict: "
                                              r"lacks to_logits.weight.*\(has w\)"):
@@ -341,3 +343,18 @@ def test_import_stops_on_unreadable_data_and_resumes(icefall_cuts, tmp_path):
     assert '"resumed_shards": 2' in r.output
     st = open_store(str(store))
     assert st.completed_shards() == {0, 1, 2} and all(np.array_equal(st[k], a) for k, a in arrays.items())
+
+
+@pytest.mark.parametrize("writer,path", [("LilcomFilesWriter", "lil"), ("LilcomHdf5Writer", "lil.h5")])
+def test_import_from_lossy_lilcom_storage(tmp_path, writer, path):
+    """lilcom gives codes back as nearby floats; import rounds them to exactly the original indexes."""
+    import lhotse
+
+    cut = MonoCut("a", 0.0, 2.0, 0, recording=_wav(tmp_path / "a.wav", 2.0))
+    codes = np.random.default_rng(1).integers(0, 256, (_hubert_frames(2.0), NCB)).astype(np.uint8)
+    with getattr(lhotse, writer)(tmp_path / path) as w:
+        cut.codebook_indexes = w.store_array(key="a", value=codes, frame_shift=0.02, temporal_dim=0)
+    assert not np.array_equal(cut.load_custom(FIELD), codes)  # lossy: not the stored values themselves
+    CutSet.from_cuts([cut]).to_file(tmp_path / "c.jsonl.gz")
+    _ok("import-lhotse", tmp_path / "c.jsonl.gz", "--out", tmp_path / "s")
+    assert np.array_equal(open_store(str(tmp_path / "s"))["a"], codes)
