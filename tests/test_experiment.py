@@ -10,16 +10,7 @@ from distill.data.manifest import load_manifest
 from distill.data.tokenizer import normalize_text
 from distill.experiment import Sizes, result_table, run_pipeline, storage_table
 from distill.student.trainer import evaluate_model, load_student
-
-
-def _edit_distance(ref, hyp) -> int:
-    """Levenshtein distance between two sequences (words or characters), every edit costing 1."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
+from scoring import edit_distance
 
 
 TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, teacher_d_model=64, teacher_layers=2,
@@ -52,8 +43,8 @@ def test_every_step_ran_and_results_are_complete(pipeline):
             assert r["words"] == sum(len(t.split()) for t in refs) > 0
             assert r["chars"] == sum(len(t) for t in refs)
             hyps = evaluate_model(model, tok, utts, return_hyps=True)["hyps"]
-            assert r["errors"] == sum(_edit_distance(t.split(), hyps[u.id].split()) for u, t in zip(utts, refs))
-            assert r["char_errors"] == sum(_edit_distance(t, hyps[u.id]) for u, t in zip(utts, refs))
+            assert r["errors"] == sum(edit_distance(t.split(), hyps[u.id].split()) for u, t in zip(utts, refs))
+            assert r["char_errors"] == sum(edit_distance(t, hyps[u.id]) for u, t in zip(utts, refs))
             assert r["wer"] == pytest.approx(r["errors"] / r["words"])
             assert r["cer"] == pytest.approx(r["char_errors"] / r["chars"])
         assert res["train_seconds"] > 0

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import normalize_text
 from distill.student.trainer import TrainConfig, evaluate, evaluate_model, load_student, train_student
+from scoring import edit_distance
 
 TINY = dict(d_model=32, num_layers=2, num_heads=2, conv_kernel=7, subsampling_channels=8, pred_dim=32,
             joiner_dim=32, dropout=0.1)
@@ -18,16 +19,6 @@ def _cfg(**kw):
                 threads=1)
     base.update(kw)
     return TrainConfig(**base)
-
-
-def _edit_distance(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance between word lists (substitutions, deletions and insertions cost 1)."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
 
 
 def _weights(run_dir):
@@ -49,7 +40,7 @@ def test_loss_falls_and_run_is_evaluable(tiny_corpus, tmp_path):
     model, tok = load_student(str(run))
     full = evaluate_model(model, tok, dev, return_hyps=True)
     assert set(full["hyps"]) == {u.id for u in dev}
-    errors = sum(_edit_distance(full["refs"][u].split(), full["hyps"][u].split()) for u in full["refs"])
+    errors = sum(edit_distance(full["refs"][u].split(), full["hyps"][u].split()) for u in full["refs"])
     assert res["errors"] == full["errors"] == errors
     assert res["wer"] == pytest.approx(errors / res["words"])
 
