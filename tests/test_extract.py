@@ -209,9 +209,15 @@ def test_other_quantizer_refused_and_store_untouched(reference, corpus, models, 
 
 
 def test_extract_to_s3_with_float_labels(corpus, models, s3_bucket):
+    """Stores, and the quantizer they are coded with, on S3 (the storage options reach every reader)."""
+    import fsspec
+
     url, opts = s3_bucket
-    cfg = _cfg(models, f"{url}/ci.zarr", float_labels=[f"{url}/f16.zarr", f"{url}/f32.zarr"],
-               float_dtype=["float16", "float32"], storage_options=opts)
+    with open(models[1], "rb") as src, fsspec.open(f"{url}/q.safetensors", "wb", **opts) as dst:
+        dst.write(src.read())
+    cfg = ExtractionConfig(teacher=models[0], layer=2, quantizer=f"{url}/q.safetensors", out=f"{url}/ci.zarr",
+                           float_labels=[f"{url}/f16.zarr", f"{url}/f32.zarr"], float_dtype=["float16", "float32"],
+                           storage_options=opts)
     rep = run_extraction(corpus["train"], cfg, workers=1, shard_frames=SHARD, progress=False)
     assert rep.ok
     ci = open_store(f"{url}/ci.zarr", storage_options=opts)

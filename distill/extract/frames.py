@@ -6,8 +6,8 @@ import numpy as np
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import load_manifest
 from distill.extract.job import embed_utterance
-from distill.teachers import load_teacher
 from distill.extract.planning import ExtractionError, check_unique_ids
+from distill.teachers import load_teacher
 
 def sample_frames(manifest, teacher_path: str, layer: int, *, num_utterances: int = 1000,
                   max_frames: int = 200_000, seed: int = 0, storage_options: dict | None = None,

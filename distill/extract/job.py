@@ -22,9 +22,9 @@ from ci_store.format import DEFAULT_CODES_SHARD_FRAMES as DEFAULT_SHARD_FRAMES
 from distill.data.audio import AudioError, read_audio
 from distill.data.manifest import Utterance, load_manifest
 from distill.extract.cluster import embedded_cluster, has_bokeh, undo_dask_malloc_trim
-from distill.teachers import load_teacher
 from distill.extract.planning import (ExtractionError, check_unique_ids, float_layout_frames, frame_counts,
                                       plan_stores, probe_all)
+from distill.teachers import load_teacher
 
 @dataclass
 class ExtractionConfig:
@@ -116,7 +116,8 @@ def _models(cfg: ExtractionConfig):
         teacher = load_teacher(cfg.teacher, layer=cfg.layer, device=cfg.device,
                                storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
                                short_input=cfg.short_input)
-        quantizer = MultiCodebookQuantizer.load(cfg.quantizer).to(cfg.device)
+        quantizer = MultiCodebookQuantizer.load(cfg.quantizer, storage_options=cfg.storage_options or None)
+        quantizer = quantizer.to(cfg.device)
         _MODELS.clear()
         _MODELS[key] = (teacher, quantizer)
     return _MODELS[key]
@@ -233,7 +234,7 @@ def prepare(manifest, cfg: ExtractionConfig, *, shard_frames: int = DEFAULT_SHAR
     teacher = load_teacher(cfg.teacher, layer=cfg.layer, device="cpu",
                            storage_options=cfg.storage_options or None, kind=cfg.teacher_kind,
                            short_input=cfg.short_input)
-    quantizer = MultiCodebookQuantizer.load(cfg.quantizer)
+    quantizer = MultiCodebookQuantizer.load(cfg.quantizer, storage_options=cfg.storage_options or None)
     if quantizer.dim != teacher.dim:
         raise ExtractionError(f"quantizer {cfg.quantizer} expects dim {quantizer.dim}, teacher {cfg.teacher} "
                               f"layer {cfg.layer} gives dim {teacher.dim}")
