@@ -18,7 +18,8 @@ def bucket_batches(lengths: Sequence[float], max_total: float, rng: np.random.Ge
     """Sort by (group, length), cut into `num_buckets` runs of about equal total length, shuffle inside each run
     (rng), then fill batches while the padded size (count x longest) stays within `max_total`; a batch never spans
     two groups, and an item longer than `max_total` is a batch on its own. Batch order is shuffled too (rng=None:
-    sorted, unshuffled)."""
+    sorted, unshuffled). Groups are for unshuffled batching (the student's shard grouping): with an rng, shuffling
+    inside a run interleaves groups and the batches get small."""
     key = [0] * len(lengths) if groups is None else [int(g) for g in groups]
     order = sorted(range(len(lengths)), key=lambda i: (key[i], lengths[i], i))
     total = float(sum(lengths)) or 1.0
