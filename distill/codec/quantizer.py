@@ -64,6 +64,16 @@ class QuantizerFileNotFoundError(QuantizerError, FileNotFoundError):
     """The quantizer (or frames) file does not exist; still a FileNotFoundError for callers that catch that."""
 
 
+
+def check_code_range(codes: torch.Tensor, codebook_size: int) -> None:
+    """QuantizerError naming the first [frames, codebooks] entry outside [0, codebook_size)."""
+    if codes.numel():
+        bad = (codes < 0) | (codes >= codebook_size)
+        if bool(bad.any()):
+            row, col = (int(v) for v in torch.nonzero(bad)[0])
+            raise QuantizerError(f"codes out of range at row {row}, codebook {col}: value {int(codes[row, col])} "
+                                 f"not in [0, {codebook_size})")
+
 def _is_pow2(n: int) -> bool:
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
@@ -241,12 +251,7 @@ class MultiCodebookQuantizer:
         if c.ndim != 2 or c.shape[1] != self.num_codebooks:
             raise QuantizerError(f"codes have shape {tuple(c.shape)}: wrong width, "
                                  f"expected [frames, {self.num_codebooks}]")
-        if c.numel():
-            bad = (c < 0) | (c >= self.codebook_size)
-            if bool(bad.any()):
-                row, col = (int(v) for v in torch.nonzero(bad)[0])
-                raise QuantizerError(f"codes out of range at row {row}, codebook {col}: value {int(c[row, col])} "
-                                 f"not in [0, {self.codebook_size})")
+        check_code_range(c, self.codebook_size)
         return c
 
     def decode_torch(self, codes: torch.Tensor) -> torch.Tensor:

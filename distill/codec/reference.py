@@ -24,7 +24,7 @@ import re
 import numpy as np
 import torch
 
-from .quantizer import MultiCodebookQuantizer, QuantizerError
+from .quantizer import MultiCodebookQuantizer, QuantizerError, check_code_range
 
 FORMAT = "multi-quantization"
 VERSION = 1
@@ -122,12 +122,7 @@ class ReferenceQuantizer:
             raise QuantizerError(f"codes have shape {tuple(codes.shape)}: expected [..., {self.num_codebooks}]")
         shape = codes.shape
         idx = codes.reshape(-1, self.num_codebooks).to(torch.int64)
-        if idx.numel():
-            bad = (idx < 0) | (idx >= self.codebook_size)
-            if bool(bad.any()):
-                row, col = (int(v) for v in torch.nonzero(bad)[0])
-                raise QuantizerError(f"codes out of range at row {row}, codebook {col}: value {int(idx[row, col])} "
-                                     f"not in [0, {self.codebook_size})")
+        check_code_range(idx, self.codebook_size)
         B = idx.shape[0]
         gathered = torch.gather(self._centers, 1,
                                 idx.t().contiguous().unsqueeze(-1).expand(self.num_codebooks, B, self.dim))
