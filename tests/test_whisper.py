@@ -324,3 +324,12 @@ def test_cli_sample_train_extract_inspect_with_bundled_model(tiny_corpus, tmp_pa
     line = next(x for x in r.output.splitlines() if x.startswith("teacher"))
     for part in ("kind=whisper-ct2", "size=tiny", "layer=3", "short_input=real-frames"):
         assert part in line, line
+
+
+@pytest.mark.parametrize("kind", ["whisper-ct2", "whisper-openai", "whisper-hf"])
+def test_missing_whisper_checkpoint_is_a_teacher_error(tmp_path, kind):
+    """A missing file named with an explicit Whisper kind is a TeacherError (one `Error:` line in the CLI) and
+    still a FileNotFoundError for library callers."""
+    with pytest.raises(TeacherError, match="not found") as e:
+        load_teacher(str(tmp_path / "missing"), layer=1, kind=kind)
+    assert isinstance(e.value, FileNotFoundError)

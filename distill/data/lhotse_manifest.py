@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import fsspec
 
-from distill.data.manifest import ManifestError, Utterance, compute_num_samples
+from distill.data.manifest import ManifestError, Utterance, compute_num_samples, iter_jsonl
 
 __all__ = ["utterance_from_cut", "cuts_to_utterances", "recordings_to_utterances", "supervisions_to_utterances",
            "load_shar", "is_shar_dir", "deserialize"]
@@ -202,7 +202,7 @@ def is_shar_dir(path: str, storage_options: dict | None = None) -> bool:
         return False
 
 
-def load_shar(path: str, storage_options: dict | None, iter_jsonl) -> list[Utterance]:
+def load_shar(path: str, storage_options: dict | None) -> list[Utterance]:
     """Utterances of a Lhotse Shar directory; each reads its audio member from the shard's recording tar."""
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
     names = sorted(x for x in fs.ls(p, detail=False) if _SHAR_CUTS.match(posixpath.basename(x)))

@@ -88,7 +88,8 @@ def _open_text(path: str, mode: str, storage_options: dict | None):
     return fsspec.open(path, mode, compression="infer", encoding="utf-8", **(storage_options or {}))
 
 
-def _iter_jsonl(path: str, storage_options: dict | None) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str, storage_options: dict | None) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) for each non-empty line; ManifestError naming file and line otherwise."""
     try:
         with _open_text(path, "rt", storage_options) as f:
             for lineno, line in enumerate(f, 1):
@@ -184,7 +185,7 @@ def _parse_plain(ctx: _Ctx, d: dict, audio_root: str | None) -> Utterance:
 
 
 def _first_kind(path: str, so: dict | None) -> str:
-    for _, d in _iter_jsonl(path, so):
+    for _, d in iter_jsonl(path, so):
         return _kind(d)
     return "empty"
 
@@ -213,7 +214,7 @@ def load_manifest(path_or_url: str, *, recordings: str | None = None, supervisio
 
     so = storage_options
     if L.is_shar_dir(path_or_url, so):
-        utts = L.load_shar(path_or_url, so, _iter_jsonl)
+        utts = L.load_shar(path_or_url, so)
         check_unique(utts, path_or_url)
         return utts
     kind = _first_kind(path_or_url, so)
@@ -222,7 +223,7 @@ def load_manifest(path_or_url: str, *, recordings: str | None = None, supervisio
     if kind in ("cut", "plain") and (recordings or supervisions):
         raise ManifestError(f"{path_or_url}: a {'CutSet' if kind == 'cut' else 'plain'} manifest is complete; "
                             f"do not pass recordings=/supervisions=")
-    items = _iter_jsonl(path_or_url, so)
+    items = iter_jsonl(path_or_url, so)
     if kind == "plain":
         utts = []
         for lineno, d in items:
@@ -236,12 +237,12 @@ def load_manifest(path_or_url: str, *, recordings: str | None = None, supervisio
         if recordings:
             raise ManifestError(f"{path_or_url} is a RecordingSet; pass supervisions= (not recordings=)")
         utts = L.recordings_to_utterances(items, path_or_url,
-                                          _iter_jsonl(supervisions, so) if supervisions else None, supervisions,
+                                          iter_jsonl(supervisions, so) if supervisions else None, supervisions,
                                           audio_root)
     elif kind == "supervision":
         if not recordings:
             raise ManifestError(f"{path_or_url} is a lhotse SupervisionSet; pass its RecordingSet as recordings=")
-        utts = L.supervisions_to_utterances(items, path_or_url, _iter_jsonl(recordings, so), recordings, audio_root)
+        utts = L.supervisions_to_utterances(items, path_or_url, iter_jsonl(recordings, so), recordings, audio_root)
     else:
         raise ManifestError(f"{path_or_url}:1: unrecognised record (expected a lhotse cut/recording/supervision "
                             f"or a plain {{'id', 'audio'}} line)")

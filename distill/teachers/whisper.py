@@ -35,6 +35,7 @@ from torch import nn
 from distill.teachers.base import (
     Teacher,
     TeacherError,
+    TeacherFileNotFoundError,
     min_samples_for,
     sha256_of_files,
 )
@@ -443,7 +444,7 @@ def load_whisper_teacher(path_or_url: str, *, layer: int, kind: str | None = Non
     url = alias or path_or_url
     fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.exists(p):
-        raise FileNotFoundError(f"teacher checkpoint not found: {url}")
+        raise TeacherFileNotFoundError(f"teacher checkpoint not found: {url}")
     kind = kind or detect_whisper_kind(fs, p, url)
     if kind not in WHISPER_KINDS:
         raise TeacherError(f"{url}: not a Whisper checkpoint (expected a CTranslate2 folder with model.bin, an "
