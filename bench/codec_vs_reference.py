@@ -3,6 +3,8 @@
     .venv/bin/python bench/codec_vs_reference.py --json bench_out/codec_vs_reference.json   # docs/codec.md's table
     .venv/bin/python bench/codec_vs_reference.py --quick                  # plumbing check (make bench), ~5 min
     .venv/bin/python bench/codec_vs_reference.py --dims 256:8 --n-train 50000 --ref-iters 200
+    .venv/bin/python bench/codec_vs_reference.py --dims whisper:4,whisper:8,whisper:16,native:4,native:8,native:16 \
+        --n-test 2000 --json bench_out/codec_real_frames.json    # real teacher frames (docs/codec.md)
 
 Measured per config (default: dim 1024 at 16 bytes/frame and dim 256 at 8 bytes/frame), for both codecs: held-out
 relative reconstruction error sum||x_hat - x||^2 / sum||x - mean(x)||^2, training wall time, encode and decode
@@ -11,7 +13,9 @@ frames/s (torch.set_num_threads(--threads), best of --repeats calls), per-codebo
 frames whose codes change when encoded in pieces of 1, 7, 64, 131 and 300 rows instead of one call). Then the
 ratios ours/reference against the goals: error <= 0.9x, encode >= 2x faster, training no slower.
 
-Data: /work/shared/bench/make_embeddings.py (deterministic anisotropic clustered frames, its seed 1234), generated
+Data: `whisper:BYTES` / `native:BYTES` are real layer-3 frames of the bundled Whisper tiny.en / a native teacher
+trained here, over a synthetic speech corpus, held out by utterance (bench/_teacher_frames.py makes and caches
+them). Otherwise DIM:BYTES frames from /work/shared/bench/make_embeddings.py (deterministic anisotropic clustered frames, its seed 1234), generated
 once per (dim, n_train, n_test) into --data-dir (bench/.cache/, git-ignored). Both codecs get the same n_train
 frames: ours samples max_train_frames (65,536) of them; the reference is fed them the way icefall feeds it
 (consecutive 512-frame minibatches, wrapping around), so it sees min(n_train, 512 x steps) distinct frames.
@@ -229,7 +233,8 @@ def _mark(ok: bool) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dims", default="1024:16,256:8", help="comma-separated dim:bytes_per_frame")
+    ap.add_argument("--dims", default="1024:16,256:8",
+                    help="comma-separated DIM:BYTES (synthetic) or whisper|native:BYTES (real teacher frames)")
     ap.add_argument("--n-train", type=int, default=100000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--quick", action="store_true",
@@ -256,7 +261,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     import multi_quantization as mq
 
-    configs = [tuple(int(v) for v in spec.split(":")) for spec in a.dims.split(",")]
+    configs = [(d if not d.isdigit() else int(d), int(nb)) for d, nb in (spec.split(":") for spec in a.dims.split(","))]
     for dim, nb in configs:
         if nb not in (1, 2, 4, 8, 16, 32):
             raise SystemExit(f"--dims {dim}:{nb}: the reference supports 1, 2, 4, 8, 16 or 32 bytes per frame")
@@ -267,8 +272,14 @@ def main(argv=None) -> dict:
           flush=True)
     results = []
     for dim, nb in configs:
-        train, test = load_data(a.data_dir, a.make_embeddings, dim, a.n_train, a.n_test)
-        print(f"\n## dim {dim}, {nb} bytes/frame ({4 * dim // nb}x smaller than float32)", flush=True)
+        if isinstance(dim, str):  # real teacher frames
+            from _teacher_frames import LAYER, describe, teacher_frames
+            train, test = teacher_frames(dim, a.n_test, seed=a.seed)
+            print(f"# {dim} layer {LAYER} frames: {describe(train)}", flush=True)
+            dim = f"{dim}-l{LAYER}-{train.shape[1]}"
+        else:
+            train, test = load_data(a.data_dir, a.make_embeddings, dim, a.n_train, a.n_test)
+        print(f"\n## dim {dim}, {nb} bytes/frame ({4 * train.shape[1] // nb}x smaller than float32)", flush=True)
         ours = run_ours(train, test, nb, a.seed, a.repeats, a.split_frames)
         h = ours["train_rel_err_history"]
         print(f"ours: trained in {ours['train_s']:.1f} s on {ours['train_frames_used']:,} sampled frames "
