@@ -100,7 +100,9 @@ class ObjectStore:
             with open(self._path(key), "rb") as f:
                 if start is None:
                     return f.read()
-                return os.pread(f.fileno(), end - start, start)
+                # pread allocates the length asked for: never ask past the end (a crafted index may claim a TiB)
+                size = os.fstat(f.fileno()).st_size
+                return os.pread(f.fileno(), max(0, min(end, size) - start), start) if start < size else b""
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
