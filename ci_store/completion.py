@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from .errors import StoreError
-from .format import FORMAT_VERSION, done_key, shard_key
+from .format import FORMAT_VERSION, SHA256_RE, done_key, shard_key
 
 RECORD_FORMAT = "ci-store-shard"
 
@@ -66,3 +66,24 @@ def shard_from_done_key(key: str) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def check_record(rec: dict, shard: int, array: str, min_nbytes: int, max_nbytes: int, where: str) -> dict:
+    """Check the fields a reader relies on (a record from an untrusted store sizes the shard's reads);
+    min/max_nbytes: the smallest and largest possible shard object (its index; every chunk at its worst case)."""
+    at = f"{where}/{done_key(shard)}"
+    failures = rec["failures"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in failures.items()):
+        raise StoreError(f"{at}: failures must map utterance ids to reason strings")
+    n = rec.get("object_nbytes")
+    if isinstance(n, bool) or not isinstance(n, int) or not (n == 0 or min_nbytes <= n <= max_nbytes):
+        raise StoreError(f"{at}: object_nbytes {n!r} is not a possible shard object size (0, or from "
+                         f"{min_nbytes} to {max_nbytes})")
+    sha = rec.get("object_sha256")
+    if (sha is not None or n) and not (isinstance(sha, str) and SHA256_RE.fullmatch(sha)):
+        raise StoreError(f"{at}: object_sha256 {sha!r} is not a sha256 hex digest")
+    if not (isinstance(rec.get("data_sha256"), str) and SHA256_RE.fullmatch(rec["data_sha256"])):
+        raise StoreError(f"{at}: data_sha256 {rec.get('data_sha256')!r} is not a sha256 hex digest")
+    if rec.get("object_key", shard_key(array, shard)) != shard_key(array, shard):
+        raise StoreError(f"{at}: object_key {rec.get('object_key')!r} is not {shard_key(array, shard)!r}")
+    return rec

@@ -4,7 +4,9 @@ Everything a reader needs to interpret a store is written here once, so writers 
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,14 @@ DEFAULT_CODES_CHUNK_FRAMES = 1024        # inner chunk: ~20 s of audio at 50 Hz
 DEFAULT_FLOAT_CHUNK_FRAMES = 256
 TARGET_FLOAT_SHARD_BYTES = 128 << 20     # float shards are sized to ~128 MiB uncompressed
 DEFAULT_COMPRESSOR = "zstd:3"
+
+# Limits a reader enforces before allocating anything a store's metadata asks for (docs/store-format.md,
+# "Untrusted stores"); create() refuses layouts beyond them, so every store it writes stays readable.
+MAX_SHARD_BYTES = 1 << 30       # decoded rows of one shard (defaults: 16 MiB codes, ~128 MiB float)
+MAX_SHARD_CHUNKS = 1 << 20      # inner chunks per shard: the shard index is at most 16 MiB
+MAX_SHARDS = (1 << 31) - 1      # index/shard is int32
+ARRAY_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")   # quantizer array names: one plain path part
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 REQUIRED_META = ("format", "format_version", "kind", "array", "dtype", "width", "frame_rate", "total_frames",
                  "padded_frames", "num_utterances", "num_shards", "shard_frames", "chunk_frames", "pad_value",
@@ -119,24 +129,115 @@ def shard_key(array: str, shard: int) -> str:
     return f"{array}/c/{shard}/0"
 
 
+def parse_json(raw: bytes, where: str) -> dict:
+    """A JSON object from a metadata object of the store; StoreError naming it for anything else."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise StoreError(f"{where} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{where} does not hold a JSON object (got {type(obj).__name__})")
+    return obj
+
+
+def check_layout_limits(shard_frames: int, chunk_frames: int, width: int, itemsize: int, where: str) -> None:
+    """Refuse a layout whose shard or shard index is larger than a reader will allocate (see MAX_* above)."""
+    shard_bytes = shard_frames * width * itemsize
+    if shard_bytes > MAX_SHARD_BYTES:
+        raise StoreError(f"{where}: shards of shard_frames={shard_frames} x width {width} x {itemsize} bytes are "
+                         f"{shard_bytes} bytes decoded, more than the {MAX_SHARD_BYTES} a reader allocates; "
+                         f"use smaller shards")
+    if shard_frames // chunk_frames > MAX_SHARD_CHUNKS:
+        raise StoreError(f"{where}: shard_frames/chunk_frames = {shard_frames // chunk_frames} inner chunks per "
+                         f"shard, more than the {MAX_SHARD_CHUNKS} a reader allows; use larger chunks")
+
+
+def _int(meta: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
+    x = meta[key]
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo or (hi is not None and x > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise StoreError(f"{where}: store metadata {key} must be an integer {bounds}, got {x!r}")
+    return x
+
+
+def _optional(meta: dict, key: str, types, where: str, what: str):
+    x = meta.get(key)
+    if x is not None and (isinstance(x, bool) or not isinstance(x, types)):
+        raise StoreError(f"{where}: store metadata {key} must be {what} or null, got {x!r}")
+    return x
+
+
 def check_meta(meta: Any, where: str) -> dict:
-    """Validate the root attributes of an existing store; StoreError says what is wrong and where."""
+    """Validate the root attributes of an existing store, types and ranges included (they size every read);
+    StoreError says what is wrong and where."""
     if not isinstance(meta, dict):
         raise StoreError(f"{where} is a Zarr group but not a ci-store (no '{ATTRS_KEY}' attributes)")
     if meta.get("format") != FORMAT_NAME:
         raise StoreError(f"{where} is not a ci-store (format is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise StoreError(f"{where}: format_version is missing or not an integer ({version!r})")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise StoreError(f"{where}: format_version is missing or not a positive integer ({version!r})")
     if version > FORMAT_VERSION:
         raise StoreError(f"{where} has format_version {version}, newer than this ci-store supports "
                          f"({FORMAT_VERSION}); upgrade ci-store to read it")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise StoreError(f"{where}: store metadata lacks {', '.join(missing)}")
-    if meta["kind"] not in KINDS:
-        raise StoreError(f"{where}: unknown kind {meta['kind']!r} (expected one of {KINDS})")
-    if meta["array"] != ARRAY_NAME[meta["kind"]]:
-        raise StoreError(f"{where}: array name {meta['array']!r} does not match kind {meta['kind']!r}")
-    parse_compressor(meta["compressor"])
+    kind = meta["kind"]
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise StoreError(f"{where}: unknown kind {kind!r} (expected one of {KINDS})")
+    if meta["array"] != ARRAY_NAME[kind]:
+        raise StoreError(f"{where}: array name {meta['array']!r} does not match kind {kind!r}")
+    allowed = ("uint8", "uint16") if kind == "codes" else ("float32", "float16")
+    if meta["dtype"] not in allowed:
+        raise StoreError(f"{where}: dtype {meta['dtype']!r} is not one of {allowed} ({kind} store)")
+    width = _int(meta, "width", where, lo=1)
+    if kind == "codes":
+        if _int(meta, "num_codebooks", where, lo=1) != width:
+            raise StoreError(f"{where}: num_codebooks {meta['num_codebooks']} differs from width {width}")
+        if _int(meta, "codebook_size", where, lo=2) - 1 > np.iinfo(meta["dtype"]).max:
+            raise StoreError(f"{where}: codebook_size {meta['codebook_size']} does not fit dtype {meta['dtype']}")
+    else:
+        for key in ("num_codebooks", "codebook_size"):
+            if meta.get(key) is not None:
+                raise StoreError(f"{where}: {key} must be null in a float store, got {meta[key]!r}")
+        if meta.get("dim") != width:
+            raise StoreError(f"{where}: dim {meta.get('dim')!r} differs from width {width} (float store)")
+    _optional(meta, "dim", int, where, "a positive integer")
+    if meta.get("dim") is not None and meta["dim"] < 1:
+        raise StoreError(f"{where}: store metadata dim must be positive, got {meta['dim']!r}")
+    rate = meta["frame_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise StoreError(f"{where}: frame_rate must be a positive number, got {rate!r}")
+    shard_frames = _int(meta, "shard_frames", where, lo=1)
+    chunk_frames = _int(meta, "chunk_frames", where, lo=1, hi=shard_frames)
+    if shard_frames % chunk_frames:
+        raise StoreError(f"{where}: chunk_frames {chunk_frames} does not divide shard_frames {shard_frames}")
+    check_layout_limits(shard_frames, chunk_frames, width, np.dtype(meta["dtype"]).itemsize, where)
+    num_shards = _int(meta, "num_shards", where, hi=MAX_SHARDS)
+    padded = _int(meta, "padded_frames", where)
+    if padded != num_shards * shard_frames:
+        raise StoreError(f"{where}: padded_frames {padded} is not num_shards x shard_frames "
+                         f"({num_shards} x {shard_frames})")
+    total = _int(meta, "total_frames", where, hi=padded)
+    _int(meta, "num_utterances", where, hi=total)
+    if meta["pad_value"] != PAD_VALUE or isinstance(meta["pad_value"], bool):
+        raise StoreError(f"{where}: pad_value must be {PAD_VALUE}, got {meta['pad_value']!r}")
+    if not isinstance(meta["compressor"], str):
+        raise StoreError(f"{where}: compressor must be a string, got {meta['compressor']!r}")
+    try:
+        parse_compressor(meta["compressor"])
+    except StoreError as e:
+        raise StoreError(f"{where}: {e}") from None
+    order = "codebook-major" if kind == "codes" else "frame-major"
+    if meta.get("chunk_order", order) != order:
+        raise StoreError(f"{where}: chunk_order {meta['chunk_order']!r} is not {order!r} ({kind} store)")
+    for key in ("plan_sha256", "utterances_sha256", "quantizer_sha256"):
+        x = meta.get(key)
+        if (key == "plan_sha256" or x is not None) and not (isinstance(x, str) and SHA256_RE.fullmatch(x)):
+            raise StoreError(f"{where}: {key} must be a sha256 hex digest, got {x!r}")
+    _optional(meta, "quantizer_id", str, where, "a string")
+    _optional(meta, "teacher", dict, where, "an object")
+    _optional(meta, "extra", dict, where, "an object")
+    _optional(meta, "created_by", str, where, "a string")
     return meta

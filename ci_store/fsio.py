@@ -44,6 +44,32 @@ def normalize_url(url) -> str:
     return local_path(url) if is_local(url) else url
 
 
+def chain_options(url: str, storage_options: dict) -> dict:
+    """fsspec options for zarr's FsspecStore: every async layer inside a chained URL is made asynchronous too.
+
+    zarr creates the outermost filesystem with asynchronous=True and runs it on zarr's event loop. A caching layer
+    (simplecache::, blockcache::, filecache::) creates its target with the options given for its protocol, as a
+    synchronous instance by default, and awaits that target's coroutines on zarr's loop. fsspec caches instances
+    by their options, so that target is the very instance any other code of the process gets for the same
+    options (a job that read its manifest or audio with fsspec, or wrote a store's quantizer), whose S3 client is
+    bound to fsspec's own I/O loop; whichever loop uses it second fails with "attached to a different loop".
+    Asking for an asynchronous target gives a distinct instance, bound only to the loop that awaits it (zarr's),
+    and shared only with ci_store's other asynchronous handles, which run on that same loop.
+    The caller's dict is copied, never modified (fsspec's URL parsing merges options into the nested dicts).
+    """
+    opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in storage_options.items()}
+    for bit in url.split("::")[1:]:
+        protocol = fsspec.core.split_protocol(bit)[0] if "://" in bit else bit
+        try:
+            is_async = fsspec.get_filesystem_class(protocol).async_impl
+        except (ImportError, ValueError):
+            continue                                      # unknown protocol: let fsspec report it
+        layer = opts.get(protocol)
+        if is_async and (layer is None or isinstance(layer, dict)):
+            opts[protocol] = {**(layer or {}), "asynchronous": True}
+    return opts
+
+
 class ObjectStore:
     """Synchronous get/set/list of whole or partial objects under one store root."""
 
@@ -59,8 +85,8 @@ class ObjectStore:
             self.zarr_store = LocalStore(self.url, read_only=read_only)
         else:
             try:
-                self.zarr_store = FsspecStore.from_url(self.url, storage_options=self.storage_options,
-                                                       read_only=read_only)
+                self.zarr_store = FsspecStore.from_url(self.url, read_only=read_only,
+                                                       storage_options=chain_options(self.url, self.storage_options))
             except (ImportError, ValueError) as e:
                 raise StoreError(f"cannot open {self.url}: {e}") from e
         self._proto = default_buffer_prototype()
@@ -74,7 +100,9 @@ class ObjectStore:
             with open(self._path(key), "rb") as f:
                 if start is None:
                     return f.read()
-                return os.pread(f.fileno(), end - start, start)
+                # pread allocates the length asked for: never ask past the end (a crafted index may claim a TiB)
+                size = os.fstat(f.fileno()).st_size
+                return os.pread(f.fileno(), max(0, min(end, size) - start), start) if start < size else b""
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 

@@ -13,11 +13,15 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from .errors import StoreError
-from .format import INDEX_CHUNK, INDEX_GROUP
+from .format import INDEX_ARRAYS, INDEX_CHUNK, INDEX_GROUP
+from .fsio import ObjectStore
+from .plainarray import parse_array, read_numeric, read_strings
 from .plan import ShardPlan
 
 DICT_LIMIT = 2_000_000
 LOOKUPS = ("auto", "dict", "sorted")
+INDEX_DTYPES = {"ids": "string", "offsets": "int64", "num_frames": "int64", "shard": "int32", "sort_order": "int64"}
+MAX_ID_BYTES = 1024             # average UTF-8 bytes per utterance id a reader accepts in an ids chunk
 
 
 class UtteranceIndex:
@@ -106,11 +110,44 @@ class UtteranceIndex:
             a[:] = arr
 
     @classmethod
-    def read(cls, root: zarr.Group, where: str, lookup: str = "auto") -> "UtteranceIndex":
-        try:
-            g = root[INDEX_GROUP]
-            arrays = {name: g[name][:] for name in ("ids", "offsets", "num_frames", "shard", "sort_order")}
-        except KeyError as e:
-            raise StoreError(f"{where}: index array missing ({e})") from None
-        return cls(arrays["ids"], arrays["offsets"], arrays["num_frames"], arrays["shard"],
-                   arrays["sort_order"], lookup=lookup)
+    def read(cls, objects: ObjectStore, meta: dict, where: str, lookup: str = "auto") -> "UtteranceIndex":
+        """The stored index of a store whose metadata `meta` passed check_meta, checked against it before use:
+        array shapes and types, then every entry inside its shard (so no read can be sized by a crafted entry).
+        Memory is bounded by the ids chunks actually stored (each holds at most MAX_ID_BYTES per id on average).
+        """
+        n = meta["num_utterances"]
+        paths = [f"{INDEX_GROUP}/{name}" for name in INDEX_ARRAYS]
+        raws = objects.get_many([f"{p}/zarr.json" for p in paths])
+        arrays = {name: parse_array(raw, p, where) for name, p, raw in zip(INDEX_ARRAYS, paths, raws)}
+        for name, a in arrays.items():
+            want = INDEX_DTYPES[name]
+            got = "string" if a.dtype is None else str(a.dtype)
+            if a.shape != (n,) or got != want:
+                raise StoreError(f"{a.where}: shape {a.shape} and type {got}, expected ({n},) and {want} "
+                                 f"(num_utterances={n} in the store metadata)")
+        ids = read_strings(objects, arrays["ids"], MAX_ID_BYTES)
+        if n and not np.all(np.strings.str_len(ids) > 0):
+            raise StoreError(f"{arrays['ids'].where}: empty utterance id at position "
+                             f"{int(np.flatnonzero(np.strings.str_len(ids) == 0)[0])}")
+        numeric = [arrays[k] for k in ("offsets", "num_frames", "shard", "sort_order")]
+        offsets, num_frames, shard, sort_order = read_numeric(objects, numeric, max_nbytes=n * 28)
+        _check_entries(ids, offsets, num_frames, shard, sort_order, meta, f"{where}/{INDEX_GROUP}")
+        return cls(ids, offsets, num_frames, shard, sort_order, lookup=lookup)
+
+
+def _check_entries(ids, offsets, num_frames, shard, sort_order, meta: dict, where: str) -> None:
+    """Each utterance inside its own shard, shard numbers and sort_order within range, frames adding up."""
+    S, n = meta["shard_frames"], len(ids)
+    start = shard.astype(np.int64) * S
+    bad = ((shard < 0) | (shard >= meta["num_shards"]) | (num_frames < 1) | (num_frames > S) | (offsets < start)
+           | (offsets > start + S - np.clip(num_frames, 1, S)))
+    if bad.any():
+        first = np.flatnonzero(bad)
+        raise StoreError(f"{where}: {len(first)} entries outside their shard or of impossible size, first "
+                         f"{str(ids[first[0]])!r} (offset {int(offsets[first[0]])}, {int(num_frames[first[0]])} "
+                         f"frames, shard {int(shard[first[0]])}; shards hold {S} frames, {meta['num_shards']} shards)")
+    if n and ((sort_order < 0) | (sort_order >= n)).any():
+        raise StoreError(f"{where}: sort_order holds positions outside [0, {n})")
+    if int(num_frames.sum()) != meta["total_frames"]:
+        raise StoreError(f"{where}: frames add up to {int(num_frames.sum())}, metadata says total_frames="
+                         f"{meta['total_frames']}")

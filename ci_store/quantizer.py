@@ -13,8 +13,13 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from .errors import StoreError
-from .format import QUANTIZER_GROUP
+from .errors import StoreError, name_some
+from .format import ARRAY_NAME_RE, QUANTIZER_GROUP, parse_json
+from .fsio import ObjectStore
+from .plainarray import parse_array, read_numeric
+
+MAX_QUANTIZER_ARRAYS = 1024
+MAX_QUANTIZER_BYTES = 256 << 20     # all quantizer arrays together (a 16 x 256 x 1280 float32 codebook: 21 MB)
 
 
 def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
@@ -49,13 +54,17 @@ def check_quantizer(q) -> tuple[str, dict, dict[str, np.ndarray]]:
         raise StoreError("quantizer arrays must be a non-empty dict of name -> numpy array")
     out = {}
     for name, a in arrays.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise StoreError(f"quantizer array name {name!r} is not a valid name (no '/', not empty)")
+        if not isinstance(name, str) or not ARRAY_NAME_RE.fullmatch(name):
+            raise StoreError(f"quantizer array name {name!r} is not a valid name (letters, digits, '_', '.', '-', "
+                             f"not starting with '.', at most 255 characters)")
         if not isinstance(a, np.ndarray):
             raise StoreError(f"quantizer array {name!r} must be a numpy array, got {type(a).__name__}")
         if a.dtype.kind not in "biuf":
             raise StoreError(f"quantizer array {name!r} has unsupported dtype {a.dtype}")
         out[name] = a
+    if len(out) > MAX_QUANTIZER_ARRAYS or sum(a.nbytes for a in out.values()) > MAX_QUANTIZER_BYTES:
+        raise StoreError(f"quantizer arrays: at most {MAX_QUANTIZER_ARRAYS} arrays of {MAX_QUANTIZER_BYTES} bytes "
+                         f"in all (readers refuse more)")
     return qid, config, out
 
 
@@ -70,17 +79,38 @@ def write_quantizer(root: zarr.Group, qid: str, config: dict, arrays: dict[str, 
     return digest
 
 
-def read_quantizer(root: zarr.Group, where: str) -> tuple[dict, dict[str, np.ndarray], dict] | None:
-    """(config, arrays, attrs) or None when the store holds no quantizer."""
-    try:
-        g = root[QUANTIZER_GROUP]
-    except KeyError:
+def read_quantizer(objects: ObjectStore, where: str) -> tuple[dict, dict[str, np.ndarray], dict] | None:
+    """(config, arrays, attrs) or None when the store holds no quantizer.
+
+    The group attributes are checked before use: array names must be plain names (ARRAY_NAME_RE: no '/', no
+    leading '.', so never a path out of the group), and the arrays together at most MAX_QUANTIZER_BYTES."""
+    raw = objects.get(f"{QUANTIZER_GROUP}/zarr.json")
+    if raw is None:
         return None
-    attrs = dict(g.attrs)
-    arrays = {}
-    for name in attrs.get("array_names", []):
-        try:
-            arrays[name] = np.asarray(g[name][...])
-        except KeyError:
-            raise StoreError(f"{where}: quantizer array {name!r} is missing") from None
-    return attrs.get("config", {}), arrays, attrs
+    at = f"{where}/{QUANTIZER_GROUP}"
+    meta = parse_json(raw, f"{at}/zarr.json")
+    attrs = meta.get("attributes")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group" or not isinstance(attrs, dict):
+        raise StoreError(f"{at}: not a Zarr v3 group with attributes")
+    names = attrs.get("array_names", [])
+    if not isinstance(names, list) or len(names) > MAX_QUANTIZER_ARRAYS:
+        raise StoreError(f"{at}: array_names must be a list of at most {MAX_QUANTIZER_ARRAYS} names")
+    bad = [x for x in names if not isinstance(x, str) or not ARRAY_NAME_RE.fullmatch(x)]
+    if bad:
+        raise StoreError(f"{at}: invalid quantizer array names {name_some(bad, 3)} (allowed: letters, digits, "
+                         f"'_', '.', '-', not starting with '.', at most 255 characters)")
+    if len(set(names)) != len(names):
+        raise StoreError(f"{at}: array_names lists a name twice")
+    if not isinstance(attrs.get("config", {}), dict) or not isinstance(attrs.get("id", ""), str):
+        raise StoreError(f"{at}: config must be an object and id a string")
+    raws = objects.get_many([f"{QUANTIZER_GROUP}/{x}/zarr.json" for x in names])
+    arrays = []
+    for name, r in zip(names, raws):
+        if r is None:
+            raise StoreError(f"{where}: quantizer array {name!r} is missing")
+        a = parse_array(r, f"{QUANTIZER_GROUP}/{name}", where)
+        if a.dtype is None:
+            raise StoreError(f"{a.where}: a quantizer array must be numeric")
+        arrays.append(a)
+    values = read_numeric(objects, arrays, MAX_QUANTIZER_BYTES) if arrays else []
+    return attrs.get("config", {}), dict(zip(names, values)), attrs

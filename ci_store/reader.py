@@ -48,8 +48,9 @@ class ShardReader:
                     missing.append(s)
         fetch = [s for s in missing if sizes[s] > 0]
         for s in fetch:
-            if sizes[s] < self.layout.index_nbytes:
-                raise StoreError(f"{self._where(s)}: completion record gives {sizes[s]} bytes, less than the index")
+            if not self.layout.index_nbytes <= sizes[s] <= self.layout.max_object_nbytes:
+                raise StoreError(f"{self._where(s)}: completion record gives {sizes[s]} bytes, not a possible size "
+                                 f"(from {self.layout.index_nbytes} to {self.layout.max_object_nbytes})")
         tails = self.objects.get_ranges([(shard_key(self.array, s), sizes[s] - self.layout.index_nbytes, sizes[s])
                                          for s in fetch])
         got = dict(zip(fetch, tails))
@@ -59,7 +60,7 @@ class ShardReader:
             else:
                 if got[s] is None:
                     raise StoreError(f"{self._where(s)}: shard object is missing although its completion record exists")
-                idx = self.layout.decode_index(got[s], self._where(s))
+                idx = self.layout.decode_index(got[s], self._where(s), sizes[s])
             out[s] = idx
             with self._lock:
                 self._indexes[s] = idx

@@ -18,8 +18,10 @@ import crc32c
 import numpy as np
 from numcodecs import Zstd
 
+from . import zstdframe
 from .errors import StoreError
 from .format import PAD_VALUE
+from .zstdframe import compress_bound
 
 EMPTY = np.uint64(2**64 - 1)
 
@@ -47,6 +49,21 @@ class ShardLayout:
     @property
     def index_nbytes(self) -> int:
         return self.nchunks * 16 + 4
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Decoded bytes of one inner chunk."""
+        return self.chunk_frames * self.width * self.dtype.itemsize
+
+    @property
+    def max_payload_nbytes(self) -> int:
+        """Largest stored inner chunk: its bytes (or zstd's worst case for them) plus the crc32c."""
+        raw = self.chunk_nbytes
+        return (compress_bound(raw) if self.compressor == "zstd" else raw) + 4
+
+    @property
+    def max_object_nbytes(self) -> int:
+        return self.nchunks * self.max_payload_nbytes + self.index_nbytes
 
     def zarr_codecs(self) -> dict:
         """Keyword arguments for zarr.create_array describing exactly this layout."""
@@ -83,31 +100,74 @@ class ShardLayout:
         return b"".join(parts)
 
     # --- decode ------------------------------------------------------------------------------------------------
-    def decode_index(self, tail: bytes, where: str) -> np.ndarray:
-        """[nchunks, 2] (offset, nbytes) from the last index_nbytes bytes of a shard object."""
+    def decode_index(self, tail: bytes, where: str, object_nbytes: int) -> np.ndarray:
+        """[nchunks, 2] (offset, nbytes) from the last index_nbytes bytes of a shard object of object_nbytes bytes.
+
+        Every entry is checked before anything is read with it: both fields empty or neither, a payload size
+        between 5 bytes and the largest this layout can store, within the object's bytes before the index, and
+        no two payloads overlapping. A hostile index therefore cannot make a read fetch or allocate more than the
+        object holds."""
         if tail is None or len(tail) != self.index_nbytes:
             raise StoreError(f"{where}: shard index truncated ({0 if tail is None else len(tail)} bytes, "
                              f"expected {self.index_nbytes})")
         body, crc = tail[:-4], tail[-4:]
         if _crc(body) != crc:
             raise StoreError(f"{where}: shard index checksum mismatch (corrupted object)")
-        return np.frombuffer(body, dtype="<u8").reshape(self.nchunks, 2)
+        index = np.frombuffer(body, dtype="<u8").reshape(self.nchunks, 2)
+        off, n = index[:, 0], index[:, 1]
+        empty = off == EMPTY
+        data_end = object_nbytes - self.index_nbytes
+        if data_end < 0:
+            raise StoreError(f"{where}: object of {object_nbytes} bytes is shorter than its shard index")
+        lo = 4 + (self.chunk_nbytes if self.compressor == "none" else 1)
+        bad = (empty != (n == EMPTY)) | (~empty & ((n < lo) | (n > self.max_payload_nbytes) | (off > data_end)))
+        bad |= ~empty & ~bad & (off + np.minimum(n, self.max_payload_nbytes) > data_end)   # no overflow: n is small
+        if bad.any():
+            c = int(np.flatnonzero(bad)[0])
+            raise StoreError(f"{where}: shard index entry of inner chunk {c} (offset {int(off[c])}, "
+                             f"{int(n[c])} bytes) is outside the {data_end} data bytes of the object or not a "
+                             f"possible chunk size (at most {self.max_payload_nbytes}): corrupted or crafted object")
+        stored = np.flatnonzero(~empty)
+        order = stored[np.argsort(off[stored], kind="stable")]
+        overlap = np.flatnonzero(off[order[1:]] < off[order[:-1]] + n[order[:-1]])
+        if len(overlap):
+            a, b = int(order[overlap[0]]), int(order[overlap[0] + 1])
+            raise StoreError(f"{where}: shard index entries of inner chunks {a} and {b} overlap: corrupted or "
+                             f"crafted object")
+        return index
 
     def decode_chunk(self, payload: bytes, where: str) -> np.ndarray:
-        """[chunk_frames, width] array from one stored chunk payload, checking its crc32c."""
+        """[chunk_frames, width] array from one stored chunk payload, checking its crc32c and, before decoding,
+        that it decodes to exactly one chunk (so a zstd frame claiming more allocates nothing)."""
+        if not 4 < len(payload) <= self.max_payload_nbytes:
+            raise StoreError(f"{where}: stored chunk of {len(payload)} bytes is not a possible size")
         body, crc = payload[:-4], payload[-4:]
         if _crc(body) != crc:
             raise StoreError(f"{where}: checksum mismatch (corrupted data)")
-        try:
-            raw = Zstd().decode(body) if self.compressor == "zstd" else body
-        except Exception as e:  # noqa: BLE001 - any codec failure is corruption here
-            raise StoreError(f"{where}: cannot decompress ({e})") from e
+        if self.compressor == "zstd":
+            raw = zstdframe.decompress(body, where, exact=self.chunk_nbytes)
+        elif len(body) == self.chunk_nbytes:
+            raw = body
+        else:
+            raise StoreError(f"{where}: stored chunk holds {len(body)} bytes, expected {self.chunk_nbytes}")
         arr = np.frombuffer(raw, dtype=self.dtype.newbyteorder("<"))
-        if arr.size != self.chunk_frames * self.width:
-            raise StoreError(f"{where}: decoded {arr.size} values, expected {self.chunk_frames * self.width}")
         if self.transpose:
             return arr.reshape(self.width, self.chunk_frames).T.astype(self.dtype)
         return arr.reshape(self.chunk_frames, self.width).astype(self.dtype, copy=False)
+
+    def decode_shard(self, data: bytes | None, where: str) -> np.ndarray:
+        """All [shard_frames, width] rows of a whole shard object (None: all padding), every check applied."""
+        block = np.full((self.shard_frames, self.width), PAD_VALUE, dtype=self.dtype)
+        if data is None:
+            return block
+        if len(data) < self.index_nbytes:
+            raise StoreError(f"{where}: object of {len(data)} bytes is shorter than its shard index")
+        index = self.decode_index(data[len(data) - self.index_nbytes:], where, len(data))
+        C = self.chunk_frames
+        for c in np.flatnonzero(index[:, 0] != EMPTY):
+            off, n = int(index[c, 0]), int(index[c, 1])
+            block[c * C:(c + 1) * C] = self.decode_chunk(data[off:off + n], f"{where} (inner chunk {c})")
+        return block
 
 
 def layout_from_zarr_metadata(meta: dict, where: str) -> ShardLayout:
@@ -143,12 +203,17 @@ def layout_from_zarr_metadata(meta: dict, where: str) -> ShardLayout:
             raise ValueError(f"inner codecs {names}")
         if len(shape) != 2 or shard_shape[1] != shape[1] or chunk_shape[1] != shape[1]:
             raise ValueError(f"shape {shape}, shards {shard_shape}, chunks {chunk_shape}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in [*shape, *shard_shape,
+                                                                                      *chunk_shape]):
+            raise ValueError(f"shape {shape}, shards {shard_shape}, chunks {chunk_shape}: not counts")
+        if meta.get("chunk_key_encoding", {}).get("name", "default") != "default":
+            raise ValueError("chunk keys are not zarr's default encoding")
         if meta.get("fill_value") not in (0, 0.0):
             raise ValueError(f"fill_value {meta.get('fill_value')!r}")
         dtype = meta["data_type"]
         if dtype not in ("uint8", "uint16", "float16", "float32"):
             raise ValueError(f"data_type {dtype!r}")
-    except (KeyError, ValueError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         raise StoreError(f"{where}: label array layout is not ci-store format v1 ({e})") from None
     return ShardLayout(int(shard_shape[0]), int(chunk_shape[0]), int(shape[1]), np.dtype(dtype), transpose,
                        compressor, level)

@@ -59,7 +59,7 @@ def teacher_dim(st: CIStore, fallback: int | None = None) -> int | None:
     """Width of the float labels the store replaces: meta dim, else the quantizer config's dim, else fallback."""
     if st.dim:
         return int(st.dim)
-    q = read_quantizer(st._handle().group, st.url) if st.kind == "codes" and st.quantizer_id else None
+    q = read_quantizer(st._handle().objects, st.url) if st.kind == "codes" and st.quantizer_id else None
     if q is not None and isinstance(q[0].get("dim"), int):
         return q[0]["dim"]
     return fallback
@@ -72,7 +72,7 @@ def summarize(st: CIStore, entropy_frames: int = 100_000, dim: int | None = None
     done = st.completed_shards()
     failures = st.failures()
     d = teacher_dim(st, dim)
-    q = read_quantizer(st._handle().group, st.url)
+    q = read_quantizer(st._handle().objects, st.url)
     out = {
         "url": st.url, "kind": meta["kind"], "dtype": meta["dtype"], "width": meta["width"],
         "num_codebooks": meta.get("num_codebooks"), "codebook_size": meta.get("codebook_size"), "dim": d,

@@ -21,6 +21,8 @@ from .errors import StoreError, name_some
 from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_FLOAT_CHUNK_FRAMES, DONE_GROUP,
                      FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
                      compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
+from .completion import check_record
+from .format import check_layout_limits, parse_json
 from .fsio import ObjectStore, normalize_url
 from .index import LOOKUPS, UtteranceIndex
 from .plan import ShardPlan
@@ -43,21 +45,22 @@ class _Handle:
         raw = self.objects.get("zarr.json")
         if raw is None:
             raise StoreError(f"{url} is not a ci-store (no zarr.json at its root)")
-        try:
-            root_meta = json.loads(raw)
-        except ValueError:
-            raise StoreError(f"{url}/zarr.json is not valid JSON (not a ci-store)") from None
+        root_meta = parse_json(raw, f"{url}/zarr.json")
         if root_meta.get("zarr_format") != 3 or root_meta.get("node_type") != "group":
             raise StoreError(f"{url} is not a ci-store (its zarr.json is not a Zarr v3 group)")
-        self.meta = check_meta((root_meta.get("attributes") or {}).get(ATTRS_KEY), url)
+        attrs = root_meta.get("attributes")
+        self.meta = check_meta(attrs.get(ATTRS_KEY) if isinstance(attrs, dict) else None, url)
         array = self.meta["array"]
         raw = self.objects.get(f"{array}/zarr.json")
         if raw is None:
             raise StoreError(f"{url}: label array {array!r} is missing")
-        self.layout = layout_from_zarr_metadata(json.loads(raw), f"{url}/{array}")
+        array_meta = parse_json(raw, f"{url}/{array}/zarr.json")
+        self.layout = layout_from_zarr_metadata(array_meta, f"{url}/{array}")
         m = self.meta
-        expect = (m["shard_frames"], m["chunk_frames"], m["width"], m["dtype"])
-        got = (self.layout.shard_frames, self.layout.chunk_frames, self.layout.width, str(self.layout.dtype))
+        expect = (m["shard_frames"], m["chunk_frames"], m["width"], m["dtype"], m["padded_frames"],
+                  parse_compressor(m["compressor"]), m["kind"] == "codes")
+        got = (self.layout.shard_frames, self.layout.chunk_frames, self.layout.width, str(self.layout.dtype),
+               array_meta["shape"][0], (self.layout.compressor, self.layout.level), self.layout.transpose)
         if expect != got:
             raise StoreError(f"{url}: array {array!r} layout {got} does not match the store metadata {expect}")
         self.reader = ShardReader(self.objects, array, self.layout)
@@ -140,11 +143,7 @@ class CIStore:
     def index(self) -> UtteranceIndex:
         if self._index is None:
             h = self._handle()
-            idx = UtteranceIndex.read(h.group, self.url, lookup=self.lookup)
-            if len(idx) != h.meta["num_utterances"]:
-                raise StoreError(f"{self.url}: index holds {len(idx)} utterances, metadata says "
-                                 f"{h.meta['num_utterances']}")
-            self._index = idx
+            self._index = UtteranceIndex.read(h.objects, h.meta, self.url, lookup=self.lookup)
         return self._index
 
     @property
@@ -178,7 +177,7 @@ class CIStore:
         return int(self.index.shard[self.index.position(utt_id)])
 
     def quantizer_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
-        q = read_quantizer(self._handle().group, self.url)
+        q = read_quantizer(self._handle().objects, self.url)
         return None if q is None else (q[0], q[1])
 
     # --- completion --------------------------------------------------------------------------------------------
@@ -205,7 +204,9 @@ class CIStore:
             if raw is None:
                 raise StoreError(f"{self.url}: shard {s} is not complete (no {done_key(s)}); "
                                  f"its labels have not been written yet")
-            h.records[s] = decode_record(raw, s, self.url)
+            L = h.layout
+            h.records[s] = check_record(decode_record(raw, s, self.url), s, self.array_name, L.index_nbytes,
+                                        L.max_object_nbytes, self.url)
         return {s: h.records[s] for s in shards}
 
     def failures(self) -> dict[str, str]:
@@ -436,6 +437,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         if S % chunk_frames:
             raise StoreError(f"chunk_frames={chunk_frames} must divide shard_frames={S}")
     layout = ShardLayout(S, chunk_frames, width, np.dtype(dt), kind == "codes", cname, level)
+    check_layout_limits(S, chunk_frames, width, layout.dtype.itemsize, str(url))
     q_sha = None
     if qarrays is not None:
         q_sha = arrays_sha256(qarrays)

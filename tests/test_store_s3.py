@@ -1,6 +1,10 @@
 """ci_store on a real S3 endpoint (loopback moto server): roundtrip, resume, verify, and reads from forked workers."""
+import json
 import multiprocessing as mp
+import os
 import pickle
+import subprocess
+import sys
 
 import fsspec
 import numpy as np
@@ -125,3 +129,54 @@ def test_pickled_store_reopens_lazily(s3_store):
     clone = pickle.loads(pickle.dumps(ro))
     assert clone._h is None and clone.storage_options == opts
     assert np.array_equal(clone[ro.ids[3]], data[ro.ids[3]])
+
+
+def _write_codes_store(url, opts, seed):
+    rng = np.random.default_rng(seed)
+    utts = [(f"s{seed}-{i:02d}", int(rng.integers(10, 150))) for i in range(12)]
+    data = {u: rng.integers(0, 256, (n, NCB)).astype(np.uint8) for u, n in utts}
+    plan = plan_shards(utts, 512)
+    st = create(url, plan, num_codebooks=NCB, frame_rate=50.0, storage_options=opts, chunk_frames=64)
+    for sh in plan.shards:
+        st.write_shard(sh.index, {u: data[u] for u in sh.utt_ids})
+    return data
+
+
+@pytest.mark.parametrize("cache", ["simplecache", "blockcache", "filecache"])
+def test_caching_url_in_the_writing_process(s3_bucket, tmp_path, cache):
+    """The process that wrote two stores (and, like an extraction job, used plain synchronous fsspec on the same
+    bucket with the same options) reads them back through a caching URL, then still uses its synchronous client.
+
+    Before the fix, the cache layer's S3 filesystem was fsspec's cached synchronous instance (same options), whose
+    client is bound to fsspec's I/O loop, and zarr awaited it on its own loop: "attached to a different loop"."""
+    url, opts = s3_bucket
+    with fsspec.open(f"{url}/manifest.jsonl", "wb", **opts) as f:   # what the extraction job does with manifests
+        f.write(b'{"id": "x"}\n')
+    stores = {f"{url}/a": _write_codes_store(f"{url}/a", opts, 1), f"{url}/b": _write_codes_store(f"{url}/b", opts, 2)}
+    options = {"s3": dict(opts), cache: {"cache_storage": str(tmp_path / cache)}}
+    for store_url, data in stores.items():
+        cached = open_store(f"{cache}::{store_url}", storage_options=options)
+        assert sorted(cached.ids) == sorted(data)
+        for u, a in cached:
+            assert np.array_equal(a, data[u])
+        assert all(np.array_equal(a, data[u]) for u, a in zip(cached.ids, cached.get_many(cached.ids)))
+        assert verify_store(cached) == []
+    assert options == {"s3": opts, cache: {"cache_storage": str(tmp_path / cache)}}   # caller's options untouched
+    # the synchronous client of this process still works after the cached reads
+    assert fsspec.filesystem("s3", **opts).cat(f"{url}/manifest.jsonl") == b'{"id": "x"}\n'
+    if cache != "blockcache":                      # whole-file caches: the objects really went through the cache
+        assert os.listdir(tmp_path / cache)
+
+
+def test_caching_url_read_leaves_the_process_sync_client_working(s3_store):
+    """A fresh process reads through simplecache:: first, then uses plain synchronous fsspec with the same options
+    (before the fix the cache layer had bound that shared client to zarr's loop, and the second use failed)."""
+    st, data, opts = s3_store
+    code = (f"import json, fsspec\nfrom ci_store import open_store\nopts = json.loads({json.dumps(opts)!r})\n"
+            f"st = open_store('simplecache::{st.url}', storage_options={{'s3': opts}})\n"
+            f"print(sum(len(a) for _, a in st))\n"
+            f"print(len(fsspec.filesystem('s3', **opts).cat('{st.url}/zarr.json')) > 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(sum(len(a) for a in data.values())), "True"]
