@@ -62,6 +62,7 @@ def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options:
     if dtype not in TEACHER_DTYPES:  # before the (possibly long) load
         raise TeacherError(f"teacher dtype {dtype!r} unknown; choose one of {', '.join(TEACHER_DTYPES)}")
     teacher = _load(path_or_url, layer=layer, storage_options=storage_options, kind=kind, short_input=short_input)
+    # always cast: transformers loads a half-precision checkpoint as such, and the stored labels record `dtype`
     return teacher.to(device).eval().set_dtype(dtype)
 
 
