@@ -2,8 +2,8 @@
 change between CPU and CUDA and between teacher dtypes. Sized to finish in under 10 minutes on a machine with GPUs;
 `--device cpu --quick` runs the same code paths on CPU as a plumbing check (not a GPU measurement).
 
-    python bench/gpu_check.py                                   # CUDA, every visible GPU (~6-8 min)
-    python bench/gpu_check.py --device cpu --quick              # plumbing check on CPU (~4 min on 2 busy cores)
+    python bench/gpu_check.py                                   # CUDA, every visible GPU (not yet run: no GPU)
+    python bench/gpu_check.py --device cpu --quick              # plumbing check on CPU (3.5 min on 2 busy cores)
     python bench/gpu_check.py --device cpu --teachers whisper --minutes 3 --codebooks 16   # docs/cluster.md's table
 
 Teachers (--teachers):
