@@ -141,8 +141,8 @@ def embedded_gpu_cluster(gpu_ids: list[str], *, profile: bool = False, dashboard
     from distributed import Scheduler, SpecCluster
 
     dashboard = has_bokeh() if dashboard is None else dashboard
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard,
-                                               "dashboard_address": ":0" if dashboard else None}}
+    # a random port for the scheduler's HTTP server either way (Dask's default, 8787, may be taken)
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard, "dashboard_address": ":0"}}
     with dask.config.set({} if profile else LEAN_DASK_CONFIG):
         return SpecCluster(workers=gpu_worker_specs(gpu_ids), scheduler=scheduler, silence_logs=40,
                            name="ci-store-gpus")
