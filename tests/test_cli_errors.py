@@ -174,6 +174,29 @@ def test_extract_errors_before_any_work(kit, tmp_path):
     assert not out.exists()
 
 
+def test_device_and_dtype_option_errors(kit, tmp_path):
+    """--device on sample-frames, train-quantizer and extract: a malformed value, or a device this machine cannot
+    compute on, is a bad option value (status 2) named before any work."""
+    out = tmp_path / "out"
+    unusable = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    commands = {
+        "sample-frames": ["sample-frames", kit.manifest, "--teacher", kit.teacher, "--layer", 2, "--out", out],
+        "train-quantizer": ["train-quantizer", kit.frames, "--out", out],
+        "extract": ["extract", kit.manifest, "--teacher", kit.teacher, "--layer", 2, "--quantizer", kit.quantizer,
+                    "--out", out, "--no-progress"],
+    }
+    for name, args in commands.items():
+        assert_error(run(*args, "--device", "gpu"), USAGE, "--device", "'gpu' is not a device", "cuda:N")
+        assert_error(run(*args, "--device", unusable), USAGE, "--device",
+                     "CUDA device(s) visible" if torch.cuda.is_available() else "no CUDA device is usable here")
+    assert_error(run(*commands["extract"], "--teacher-dtype", "half"), USAGE, "--teacher-dtype", "half")
+    assert_error(run(*commands["extract"], "--scheduler", "tcp://127.0.0.1:1", "--cluster", "slurm", "--jobs", 1),
+                 USAGE, "--scheduler", "--cluster", "not both")
+    assert_error(run(*commands["extract"], "--cluster", "slurm", "--jobs", 1, "--cluster-options", "[1]"), USAGE,
+                 "--cluster-options", "JSON object")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------- train-teacher
 def test_train_teacher_errors(kit, tmp_path):
     out = tmp_path / "t.safetensors"

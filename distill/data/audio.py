@@ -12,7 +12,7 @@ import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -229,19 +229,36 @@ def probe_utterance(utt: Utterance, storage_options: dict | None = None) -> Utte
     return dataclasses.replace(utt, sample_rate=sr, num_samples=n, duration=dur)
 
 
-def probe_missing(utts: list[Utterance], storage_options: dict | None = None, *,
-                  max_workers: int = 8) -> list[Utterance]:
-    """probe_utterance over the utterances that need it (threads: header reads are I/O bound); order kept."""
+def probe_missing(utts: list[Utterance], storage_options: dict | None = None, *, max_workers: int = 8,
+                  on_error: Callable[[Utterance, AudioError], Utterance] | None = None,
+                  progress: Callable[[], None] | None = None) -> list[Utterance]:
+    """probe_utterance over the utterances that need it (threads: header reads are I/O bound); order kept.
+
+    An unreadable file raises its AudioError, unless `on_error(utt, error)` returns the utterance to use instead;
+    `progress()` is called once per probed utterance (in the caller's thread)."""
     need = [i for i, u in enumerate(utts)
             if u.sample_rate is None or u.num_samples is None or u.duration is None]
     out = list(utts)
     if not need:
         return out
+
+    def probe(j: int) -> Utterance:
+        try:
+            return probe_utterance(utts[j], storage_options)
+        except AudioError as e:
+            if on_error is None:
+                raise
+            return on_error(utts[j], e)
+
     if max_workers <= 1 or len(need) == 1:
-        for i in need:
-            out[i] = probe_utterance(utts[i], storage_options)
+        for i, u in zip(need, map(probe, need)):
+            out[i] = u
+            if progress is not None:
+                progress()
         return out
     with ThreadPoolExecutor(max_workers=min(max_workers, len(need))) as ex:
-        for i, u in zip(need, ex.map(lambda j: probe_utterance(utts[j], storage_options), need)):
+        for i, u in zip(need, ex.map(probe, need)):
             out[i] = u
+            if progress is not None:
+                progress()
     return out

@@ -12,7 +12,7 @@ import numpy as np
 from ci_store import ShardPlan, plan_shards
 from ci_store.errors import duplicate_ids, name_some
 from ci_store.format import default_shard_frames
-from distill.data.audio import AudioError, probe_utterance
+from distill.data.audio import AudioError, probe_missing
 from distill.data.manifest import Utterance
 
 
@@ -20,18 +20,29 @@ class ExtractionError(RuntimeError):
     """The job cannot start (bad manifest, incompatible store, ...); raised before any shard is written."""
 
 
-def probe_all(utts: list[Utterance], storage_options: dict | None) -> list[Utterance]:
-    """Fill missing sample counts from file headers; unreadable files keep a 0-sample placeholder so they
-    still get an index entry and fail (recorded, with the reason) inside their shard task."""
-    out = []
-    for u in utts:
-        if u.num_samples is None or u.sample_rate is None:
-            try:
-                u = probe_utterance(u, storage_options)
-            except AudioError:
-                u = dataclasses.replace(u, num_samples=0, sample_rate=u.sample_rate or 16000)
-        out.append(u)
+PROBE_THREADS = 16  # header reads are latency-bound (object stores: one or two ranged GETs per file)
+
+
+def probe_all(utts: list[Utterance], storage_options: dict | None, *, threads: int = PROBE_THREADS,
+              progress: bool = False) -> list[Utterance]:
+    """Fill missing sample counts from file headers, `threads` files at a time; unreadable files keep a 0-sample
+    placeholder so they still get an index entry and fail (recorded, with the reason) inside their shard task."""
+    from tqdm.auto import tqdm
+
+    need = [i for i, u in enumerate(utts) if u.num_samples is None or u.sample_rate is None]
+    out = list(utts)
+    if not need:
+        return out
+    with tqdm(total=len(need), desc="probe", unit="utt", disable=not progress, dynamic_ncols=True) as bar:
+        probed = probe_missing([utts[i] for i in need], storage_options, max_workers=threads,
+                               on_error=_unreadable, progress=lambda: bar.update(1))
+    for i, u in zip(need, probed):
+        out[i] = u
     return out
+
+
+def _unreadable(utt: Utterance, error: AudioError) -> Utterance:
+    return dataclasses.replace(utt, num_samples=0, sample_rate=utt.sample_rate or 16000)
 
 
 def check_unique_ids(utts: list[Utterance]) -> None:

@@ -14,6 +14,7 @@ import fsspec
 
 from distill.codec.quantizer import METADATA_KEY as QUANTIZER_METADATA_KEY
 from distill.teachers.base import (
+    TEACHER_DTYPES,
     Teacher,
     TeacherError,
     TeacherFileNotFoundError,
@@ -44,29 +45,38 @@ from distill.teachers.whisper import (
 __all__ = ["Teacher", "TeacherError", "load_teacher", "NativeTeacher", "NativeTeacherConfig", "NativeTeacherModel",
            "NativeTeacherOutput", "save_native_teacher", "load_native_model", "log_mel", "num_mel_frames",
            "sha256_of_files", "min_samples_for", "WhisperTeacher", "load_whisper_teacher", "TEACHER_KINDS",
-           "SHORT_INPUT_MODES"]
+           "SHORT_INPUT_MODES", "TEACHER_DTYPES"]
 
 TEACHER_KINDS = ("native", "hf") + WHISPER_KINDS
 
 
 def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options: dict | None = None,
-                 kind: str | None = None, short_input: str | None = None) -> Teacher:
+                 kind: str | None = None, short_input: str | None = None, dtype: str = "float32") -> Teacher:
     """Load a teacher in eval mode on `device`, returning hidden states at `layer` (0 = input of the first
     transformer layer, i = output of layer i). The format is detected from the files unless `kind` (one of
     TEACHER_KINDS) says it; `short_input` picks a Whisper teacher's mode for inputs under 30 s (default
-    real-frames). Raises ValueError (TeacherError for Whisper) naming the path for unknown formats."""
+    real-frames); `dtype` (TEACHER_DTYPES) is what the weights are cast to (frames come back float32 whatever
+    it is). Raises ValueError (TeacherError for Whisper) naming the path for unknown formats."""
     if kind is not None and kind not in TEACHER_KINDS:
         raise TeacherError(f"teacher kind {kind!r} unknown; choose one of {', '.join(TEACHER_KINDS)}")
+    if dtype not in TEACHER_DTYPES:  # before the (possibly long) load
+        raise TeacherError(f"teacher dtype {dtype!r} unknown; choose one of {', '.join(TEACHER_DTYPES)}")
+    teacher = _load(path_or_url, layer=layer, storage_options=storage_options, kind=kind, short_input=short_input)
+    # always cast: transformers loads a half-precision checkpoint as such, and the stored labels record `dtype`
+    return teacher.to(device).eval().set_dtype(dtype)
+
+
+def _load(path_or_url: str, *, layer: int, storage_options: dict | None, kind: str | None,
+          short_input: str | None) -> Teacher:
     whisper_opts = {} if short_input is None else {"short_input": short_input}
     if path_or_url in WHISPER_ALIASES or kind in WHISPER_KINDS:
         return load_whisper_teacher(path_or_url, layer=layer, kind=kind, storage_options=storage_options,
-                                    **whisper_opts).to(device).eval()
+                                    **whisper_opts)
     fs, p = fsspec.core.url_to_fs(path_or_url, **(storage_options or {}))
     if not fs.exists(p):
         raise TeacherFileNotFoundError(f"teacher checkpoint not found: {path_or_url}")
     if kind is None and detect_whisper_kind(fs, p, path_or_url):
-        return load_whisper_teacher(path_or_url, layer=layer, storage_options=storage_options,
-                                    **whisper_opts).to(device).eval()
+        return load_whisper_teacher(path_or_url, layer=layer, storage_options=storage_options, **whisper_opts)
     if short_input is not None:
         raise TeacherError(f"{path_or_url}: --short-input applies to Whisper teachers only")
     if kind == "native" and fs.isdir(p):
@@ -102,4 +112,4 @@ def load_teacher(path_or_url: str, *, layer: int, device="cpu", storage_options:
             raise TeacherError(f"{path_or_url}: safetensors file without {NATIVE_FORMAT!r} metadata; for a "
                                f"HuggingFace model give its directory (config.json + weights)")
         teacher = NativeTeacher.from_bytes(data, layer=layer, source=path_or_url)
-    return teacher.to(device).eval()
+    return teacher

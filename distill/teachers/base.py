@@ -10,7 +10,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["Teacher", "TeacherError", "TeacherFileNotFoundError", "sha256_of_files", "min_samples_for"]
+__all__ = ["Teacher", "TeacherError", "TeacherFileNotFoundError", "sha256_of_files", "min_samples_for",
+           "TEACHER_DTYPES"]
+
+# Weight dtypes a teacher can run in. Checkpoints load as float32; half precision halves the weights' memory and
+# uses a GPU's tensor cores, at the cost of different frames (so different codes: the store records the dtype).
+TEACHER_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class TeacherError(ValueError):
@@ -88,11 +93,24 @@ class Teacher:
         self.module.eval()
         return self
 
+    @property
+    def dtype(self) -> str:
+        """Name of the weights' dtype (one of TEACHER_DTYPES): what the layers compute in."""
+        return str(next(self.module.parameters()).dtype).removeprefix("torch.")
+
+    def set_dtype(self, dtype: str) -> "Teacher":
+        """Cast the weights to `dtype` (TEACHER_DTYPES). Front ends (log-mel, waveform normalisation) stay float32
+        and each teacher casts their output to the weights' dtype; `embed` still returns float32 frames."""
+        if dtype not in TEACHER_DTYPES:
+            raise TeacherError(f"teacher dtype {dtype!r} unknown; choose one of {', '.join(TEACHER_DTYPES)}")
+        self.module.to(getattr(torch, dtype))
+        return self
+
     def metadata(self) -> dict:
         """Provenance to store next to the labels (what produced these frames)."""
         return {"name": self.name, "format": self.format, "source": self.source, "layer": self.layer,
                 "num_layers": self.num_layers, "dim": self.dim, "sample_rate": self.sample_rate,
-                "frame_rate": self.frame_rate, "checkpoint_sha256": self.checkpoint_sha256}
+                "frame_rate": self.frame_rate, "checkpoint_sha256": self.checkpoint_sha256, "dtype": self.dtype}
 
     def frame_lengths(self, lengths: Sequence[int]) -> list[int]:
         return [self.num_frames(int(n)) for n in lengths]

@@ -106,7 +106,8 @@ class HFTeacher(Teacher):
                 rows.append(torch.nn.functional.pad(v, (0, x.shape[1] - n)))
             x = torch.stack(rows)
         nfr = [self.num_frames(n) for n in lengths]
-        out = x.new_zeros(len(lengths), max(nfr), self.dim)
+        out = waveforms.new_zeros(len(lengths), max(nfr), self.dim)
+        x = x.to(self.model.dtype)  # the weights' dtype (set_dtype); float32 checkpoints: a no-op
         if self.group_norm:
             groups: dict[int, list[int]] = {}
             for b, n in enumerate(lengths):

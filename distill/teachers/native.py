@@ -161,11 +161,9 @@ class NativeTeacherModel(nn.Module):
             config = dataclasses.replace(config, **overrides)
         self.config = config
         c = config
-        win, hop, n_fft = _mel_params(c.sample_rate)
-        self.register_buffer("mel_fb", torch.from_numpy(mel_filterbank(c.sample_rate, n_fft, c.num_mels)),
-                             persistent=False)
-        self.register_buffer("window", torch.hann_window(win, periodic=False, dtype=torch.float32),
-                             persistent=False)
+        fb, window = self._front_end_tables(None)
+        self.register_buffer("mel_fb", fb, persistent=False)
+        self.register_buffer("window", window, persistent=False)
         self.input_norm = nn.LayerNorm(c.num_mels)
         self.conv1 = nn.Conv1d(c.num_mels, c.d_model, kernel_size=3, stride=1)
         self.conv2 = nn.Conv1d(c.d_model, c.d_model, kernel_size=3, stride=2)
@@ -174,6 +172,17 @@ class NativeTeacherModel(nn.Module):
                                     for _ in range(c.num_layers))
         self.final_norm = nn.LayerNorm(c.d_model)
         self.ctc_head = nn.Linear(c.d_model, c.vocab_size) if c.vocab_size else None
+
+    def _front_end_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-mel filterbank and window, float32 (exact values, whatever dtype the weights have)."""
+        c = self.config
+        win, _, n_fft = _mel_params(c.sample_rate)
+        fb = torch.from_numpy(mel_filterbank(c.sample_rate, n_fft, c.num_mels)).to(device)
+        return fb, torch.hann_window(win, periodic=False, dtype=torch.float32, device=device)
+
+    def keep_front_end_float32(self) -> None:
+        """After a cast of the whole module (`.to(torch.bfloat16)` casts buffers too): the log-mel runs in float32."""
+        self.mel_fb, self.window = self._front_end_tables(self.mel_fb.device)
 
     @property
     def frame_rate(self) -> float:
@@ -195,15 +204,15 @@ class NativeTeacherModel(nn.Module):
             raise ValueError(f"batch items {bad} are too short for one frame "
                              f"(need >= {min_samples_for(self.num_frames)} samples)")
         x = waveforms[:, :max(lens)]
-        feats = self.input_norm(log_mel(x, c.sample_rate, c.num_mels, filterbank=self.mel_fb,
-                                        window=self.window))
+        mel = log_mel(x, c.sample_rate, c.num_mels, filterbank=self.mel_fb, window=self.window)
+        feats = self.input_norm(mel.to(self.input_norm.weight.dtype))  # float32 weights: a no-op
         h = F.gelu(self.conv1(feats.transpose(1, 2)))
         h = F.gelu(self.conv2(h)).transpose(1, 2)
         t = max(nfr)
         h = h[:, :t]
         flen = torch.tensor(nfr, dtype=torch.long, device=h.device)
         valid = torch.arange(t, device=h.device)[None, :] < flen[:, None]
-        h = self.embed_norm(h) + _sinusoids(t, c.d_model, h.device)
+        h = self.embed_norm(h) + _sinusoids(t, c.d_model, h.device).to(h.dtype)
         h = F.dropout(h, c.dropout, self.training) * valid[..., None]
         hidden = [h]
         n_run = c.num_layers if max_layer is None else max(0, min(int(max_layer), c.num_layers))
@@ -315,6 +324,11 @@ class NativeTeacher(Teacher):
 
     def num_frames(self, num_samples: int) -> int:
         return self.model.num_frames(num_samples)
+
+    def set_dtype(self, dtype: str) -> "NativeTeacher":
+        super().set_dtype(dtype)
+        self.model.keep_front_end_float32()
+        return self
 
     def _embed(self, waveforms: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         out = self.model(waveforms, torch.tensor(lengths), max_layer=self.layer)

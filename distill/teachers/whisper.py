@@ -251,7 +251,7 @@ class WhisperTeacher(Teacher):
         wav = waveforms.new_zeros(len(rows), width)
         for r, (b, s, m) in enumerate(rows):
             wav[r, :m] = waveforms[b, s:s + m]
-        mel = whisper_log_mel(wav, c.n_mels, t_in, norm)
+        mel = whisper_log_mel(wav, c.n_mels, t_in, norm).to(self.model.conv1.weight.dtype)  # float32: a no-op
         if mel_len is not None:
             mel = mel[..., :max(mel_len)]
         return self.model(mel, layer=self.layer, mel_lengths=mel_len, frame_lengths=frame_len)
