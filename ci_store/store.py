@@ -17,8 +17,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 
-from .completion import (build_claim, build_record, claim_key, content_differences, data_sha256, decode_claim,
-                         decode_record, encode_record, same_labels, same_object, shard_from_done_key, writer_id)
+from .completion import (CLAIMS_PREFIX, build_claim, build_record, claim_key, content_differences, data_sha256,
+                         decode_claim, decode_record, encode_record, same_labels, same_object, shard_from_done_key,
+                         writer_id)
 from .errors import StoreError, name_some
 from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_FLOAT_CHUNK_FRAMES, DONE_GROUP,
                      FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
@@ -216,6 +217,21 @@ class CIStore:
                                  f"its labels have not been written yet")
             h.records[s] = decode_record(raw, s, self.url)
         return {s: h.records[s] for s in shards}
+
+    def remove_stale_claims(self) -> list[int]:
+        """Delete the claims of complete shards (left by a writer that could not remove its claim after the record
+        was written; they protect nothing) and return those shards. Claims of incomplete shards may belong to
+        running writers and are kept. create(exist_ok=True) calls this when a job resumes."""
+        h = self._handle()
+        claims = {shard_from_done_key(k): k for k in h.objects.list_prefix(f"{CLAIMS_PREFIX}/")}
+        claims.pop(None, None)          # temporary files of local writers in progress
+        if not claims:
+            return []
+        done = self.completed_shards()
+        stale = sorted(s for s in claims if s in done)
+        for s in stale:
+            h.objects.delete(claims[s])
+        return stale
 
     def failures(self) -> dict[str, str]:
         """utterance id -> reason, over all complete shards."""
@@ -555,6 +571,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
             diffs = _differences(existing.meta, meta)
             if diffs:
                 raise StoreError(f"{url} already holds a different ci-store: " + "; ".join(diffs))
+            existing.remove_stale_claims()
             return existing
         if root is None or not all(k.startswith(_CREATE_PREFIXES) for k in keys):
             foreign = [k for k in keys if not k.startswith(_CREATE_PREFIXES)]

@@ -351,3 +351,26 @@ def test_a_completed_shard_record_is_created_once(tmp_path):
     before = open(path, "rb").read()
     assert st._handle().objects.create(done_key(0), b"{}") is False
     assert open(path, "rb").read() == before
+
+
+def test_resume_removes_claims_left_next_to_complete_shards(tmp_path):
+    """A writer that could not remove its claim after writing the record leaves it behind; reopening the store to
+    resume removes it (the shard is complete, the claim protects nothing) and keeps claims of incomplete shards."""
+    utts = utterances()
+    plan = plan_shards(utts, 256)
+    a = labels(utts, 1)
+    ref = new_store(str(tmp_path / "ref"), None, plan)
+    url = str(tmp_path / "s")
+    st = new_store(url, None, plan)
+    for sh in plan.shards:
+        ref.write_shard(sh.index, shard_arrays(a, sh))
+        if sh.index != 3:
+            st.write_shard(sh.index, shard_arrays(a, sh))
+    objects = st._handle().objects
+    for s in (1, 3):
+        assert objects.create(claim_key(s), b'{"left": "by a writer that lost its connection"}')
+    again = create(url, plan, num_codebooks=NCB, frame_rate=50.0, chunk_frames=32, exist_ok=True)
+    assert os.listdir(os.path.join(url, "claims")) == [os.path.basename(claim_key(3))]
+    os.remove(os.path.join(url, claim_key(3)))
+    again.write_shard(3, shard_arrays(a, plan.shards[3]))
+    assert local_objects(url) == local_objects(ref.url)
