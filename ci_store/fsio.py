@@ -372,6 +372,9 @@ class ObjectStore:
     def get(self, key: str) -> bytes | None:
         if self.local:
             return self._retry("get", key, lambda: self._read_local(key))
+        # s3fs sizes a whole-object read from its listing cache: a listing made before another writer (or our own
+        # create whose answer was lost) added the object would make it read as missing
+        self._forget_listings()
         buf = sync(self.zarr_store.get(key, self._proto))
         return None if buf is None else buf.to_bytes()
 
@@ -379,6 +382,8 @@ class ObjectStore:
         """Whole objects, fetched concurrently (each retried on its own)."""
         if self.local:
             return [self._retry("get", k, lambda k=k: self._read_local(k)) for k in keys]
+        self._forget_listings()
+
         async def run():
             bufs = await asyncio.gather(*(self.zarr_store.get(k, self._proto) for k in keys))
             return [None if b is None else b.to_bytes() for b in bufs]

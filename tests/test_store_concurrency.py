@@ -374,3 +374,31 @@ def test_resume_removes_claims_left_next_to_complete_shards(tmp_path):
     os.remove(os.path.join(url, claim_key(3)))
     again.write_shard(3, shard_arrays(a, plan.shards[3]))
     assert local_objects(url) == local_objects(ref.url)
+
+
+def _write_one_shard(args):
+    url, opts, shard, flip = args
+    utts = utterances()
+    plan = plan_shards(utts, 256)
+    data = labels(utts, 1)
+    if flip:
+        data = variant(data, plan)
+    open_store(url, mode="r+", storage_options=opts).write_shard(shard, shard_arrays(data, plan.shards[shard]))
+
+
+def test_a_listing_cached_before_another_process_wrote_does_not_hide_its_record(s3_bucket):
+    """A job lists the store (completed_shards) and later writes a shard that another process completed meanwhile
+    with other labels: it must see that record (s3fs's listing cache would say it is missing) and refuse."""
+    bucket, opts = s3_bucket
+    url = f"{bucket}/store"
+    utts = utterances()
+    plan = plan_shards(utts, 256)
+    new_store(url, opts, plan)
+    late = open_store(url, mode="r+", storage_options=opts)
+    assert late.completed_shards() == set()
+    with mp.get_context("spawn").Pool(1) as pool:
+        pool.map(_write_one_shard, [(url, opts, 0, False)])
+    before = open_store(url, storage_options=opts)._handle().objects.get(shard_key("codes", 0))
+    with pytest.raises(StoreError, match="shard 0 is already complete with different content"):
+        late.write_shard(0, shard_arrays(variant(labels(utts, 1), plan), plan.shards[0]))
+    assert late._handle().objects.get(shard_key("codes", 0)) == before
