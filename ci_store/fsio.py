@@ -302,7 +302,7 @@ class RetryingStore(WrapperStore):
         await self._retry("delete", key, lambda: self._store.delete(key))
 
     async def delete_dir(self, prefix):
-        await self._retry("delete", prefix + "/", lambda: self._store.delete_dir(prefix))
+        await self._retry("delete", f"{prefix}/" if prefix else "", lambda: self._store.delete_dir(prefix))
 
     async def _listed(self, op: str, prefix: str, lister):
         async def collect():
