@@ -325,8 +325,9 @@ class ObjectStore:
 
     Every operation is retried under `retry` (a RetryPolicy) while it fails with a transient error (is_transient);
     `stats` counts the retries. zarr_store is wrapped in a RetryingStore, so zarr's own I/O through it (metadata,
-    utterance index, quantizer, verify's decode) is retried the same way. All operations are idempotent, so a retry after a lost response is harmless: a
-    repeated create() then reports the object as existing, and callers compare its content (write_shard does).
+    utterance index, quantizer, verify's decode) is retried the same way. All operations are idempotent, so a
+    retry after a lost response is harmless: a repeated create() then reports the object as existing, and callers
+    compare its content (write_shard does).
     """
 
     def __init__(self, url: str, storage_options: dict | None = None, read_only: bool = False,
@@ -357,7 +358,6 @@ class ObjectStore:
 
     def _retry(self, op: str, key: str, fn: Callable[[], T]) -> T:
         return retry_call(fn, what=f"{self.url}/{key}: {op}", policy=self.retry, stats=self.stats)
-
 
     def _read_local(self, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
         try:
