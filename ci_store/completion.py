@@ -3,18 +3,28 @@
 A record's existence is what makes a shard complete, so a job killed mid-shard leaves that shard incomplete and
 a resumed job rewrites it. Records hold no timestamps or host names: the same labels give byte-identical records,
 so an interrupted-then-resumed store equals an uninterrupted one object for object.
+
+Claims (claims/shard-NNNNNN.json) make two writers of one shard safe (a zombie task and its retry, two runs on
+one store): a writer creates the claim if absent before it touches the shard object, so only the claimant, or a
+writer with byte-identical content, ever writes it. A claim is deleted once the shard's record exists; see
+docs/store-format.md#concurrent-writers for the protocol and what it guarantees on each storage.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import StoreError, name_some
 from .format import FORMAT_VERSION, SHA256_RE, done_key, shard_key
 
 RECORD_FORMAT = "ci-store-shard"
+CLAIM_FORMAT = "ci-store-claim"
+CLAIMS_PREFIX = "claims"
 
 
 def data_sha256(block: np.ndarray) -> str:
@@ -87,3 +97,65 @@ def check_record(rec: dict, shard: int, array: str, min_nbytes: int, max_nbytes:
     if rec.get("object_key", shard_key(array, shard)) != shard_key(array, shard):
         raise StoreError(f"{at}: object_key {rec.get('object_key')!r} is not {shard_key(array, shard)!r}")
     return rec
+
+
+# --- claims: one writer per shard object ------------------------------------------------------------------------
+def claim_key(shard: int) -> str:
+    """Object key of a shard's write claim (outside done/ and the label array: v1 readers never look there)."""
+    return f"{CLAIMS_PREFIX}/shard-{shard:06d}.json"
+
+
+def writer_id() -> str:
+    """Who holds a claim: host, pid and a random part (so a stale claim tells an operator which job left it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def build_claim(record: dict, writer: str) -> dict:
+    return {"format": CLAIM_FORMAT, "shard": record["shard"], "writer": writer,
+            "data_sha256": record["data_sha256"], "object_sha256": record["object_sha256"],
+            "object_nbytes": record["object_nbytes"], "failures": record["failures"]}
+
+
+def decode_claim(data: bytes, shard: int, where: str) -> dict:
+    key = f"{where}/{claim_key(shard)}"
+    try:
+        claim = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{key}: claim is not valid JSON ({e}); if no writer is running, delete it") from None
+    if (not isinstance(claim, dict) or claim.get("format") != CLAIM_FORMAT or claim.get("shard") != shard
+            or not isinstance(claim.get("failures"), dict)):
+        raise StoreError(f"{key}: not a write claim for shard {shard}; if no writer is running, delete it")
+    return claim
+
+
+def same_labels(a: dict, b: dict) -> bool:
+    """Two records (or a claim and a record) hold the same labels: decoded rows and failures equal."""
+    return a["data_sha256"] == b["data_sha256"] and a["failures"] == b["failures"]
+
+
+def same_object(a: dict, b: dict) -> bool:
+    """Same labels and byte-identical shard object (a writer may then write the object alongside the other)."""
+    return same_labels(a, b) and a["object_sha256"] == b["object_sha256"]
+
+
+def content_differences(theirs: dict, ours: dict, differing_utterances: list[str] | None = None) -> list[str]:
+    """What differs between the content another writer stored or claimed (`theirs`) and ours, for an error."""
+    out = []
+    ft, fo = theirs["failures"], ours["failures"]
+    only_there = sorted(set(ft) - set(fo))
+    only_here = sorted(set(fo) - set(ft))
+    reason = sorted(u for u in set(ft) & set(fo) if ft[u] != fo[u])
+    if only_there:
+        out.append(f"failed there, written here: {name_some(only_there, 5)}")
+    if only_here:
+        out.append(f"written there, failed here: {name_some(only_here, 5)}")
+    if reason:
+        out.append(f"failure reasons differ for {name_some(reason, 5)}")
+    if differing_utterances:
+        out.append(f"labels differ for {len(differing_utterances)} utterance(s): {name_some(differing_utterances, 5)}")
+    elif theirs["data_sha256"] != ours["data_sha256"] and not (only_there or only_here):
+        out.append(f"labels differ (data_sha256 {theirs['data_sha256'][:12]}... there, "
+                   f"{ours['data_sha256'][:12]}... here)")
+    if not out and theirs.get("object_sha256") != ours.get("object_sha256"):
+        out.append("same labels but different shard object bytes (another zstd/numcodecs version?)")
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -16,21 +17,25 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 
-from .completion import build_record, data_sha256, decode_record, encode_record, shard_from_done_key
+from .completion import (CLAIMS_PREFIX, build_claim, build_record, claim_key, content_differences, data_sha256,
+                         decode_claim, decode_record, encode_record, same_labels, same_object, shard_from_done_key,
+                         writer_id)
 from .errors import StoreError, name_some
 from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_FLOAT_CHUNK_FRAMES, DONE_GROUP,
                      FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
                      compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
 from .completion import check_record
 from .format import check_layout_limits, parse_json
-from .fsio import ObjectStore, normalize_url
+from .fsio import ObjectStore, RetryPolicy, normalize_url
 from .index import LOOKUPS, UtteranceIndex
 from .plan import ShardPlan
 from .quantizer import arrays_sha256, check_quantizer, read_quantizer, write_quantizer
 from .reader import ShardReader
 from .shardcodec import ShardLayout, layout_from_zarr_metadata
 
+log = logging.getLogger("ci_store")
 MODES = ("r", "r+")
+_CLAIM_ROUNDS = 8        # claim attempts per write_shard; each failed round means another writer claimed and let go
 # keys an interrupted create() may leave behind; anything else at the path is data we must not touch
 _CREATE_PREFIXES = ("zarr.json", "index/", "quantizer/", f"{DONE_GROUP}/zarr.json",
                     *(f"{a}/zarr.json" for a in ARRAY_NAME.values()))
@@ -39,9 +44,9 @@ _CREATE_PREFIXES = ("zarr.json", "index/", "quantizer/", f"{DONE_GROUP}/zarr.jso
 class _Handle:
     """Everything bound to one process: the object store (and its event-loop-bound clients) and caches."""
 
-    def __init__(self, url: str, storage_options: dict, mode: str):
+    def __init__(self, url: str, storage_options: dict, mode: str, retry: RetryPolicy | None = None):
         self.pid = os.getpid()
-        self.objects = ObjectStore(url, storage_options, read_only=(mode == "r"))
+        self.objects = ObjectStore(url, storage_options, read_only=(mode == "r"), retry=retry)
         raw = self.objects.get("zarr.json")
         if raw is None:
             raise StoreError(f"{url} is not a ci-store (no zarr.json at its root)")
@@ -79,7 +84,7 @@ class CIStore:
     """One ci-store: metadata, index lookup, shard writes and utterance reads. Use create() / open_store()."""
 
     def __init__(self, url, storage_options: dict | None = None, mode: str = "r", lookup: str = "auto",
-                 _lazy: bool = False):
+                 _lazy: bool = False, retry: RetryPolicy | None = None):
         if mode not in MODES:
             raise StoreError(f"mode must be one of {MODES}, got {mode!r}")
         if lookup not in LOOKUPS:
@@ -88,6 +93,9 @@ class CIStore:
         self.storage_options = dict(storage_options or {})
         self.mode = mode
         self.lookup = lookup
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise StoreError(f"retry must be a ci_store.fsio.RetryPolicy, got {type(retry).__name__}")
+        self.retry = retry          # None: fsio.DEFAULT_RETRY
         self._h: _Handle | None = None
         self._index: UtteranceIndex | None = None
         self._plan: ShardPlan | None = None
@@ -107,14 +115,16 @@ class CIStore:
             self._lock, self._lock_pid = threading.Lock(), pid
         with self._lock:
             if self._h is None or self._h.pid != pid:
-                self._h = _Handle(self.url, self.storage_options, self.mode)
+                self._h = _Handle(self.url, self.storage_options, self.mode, self.retry)
             return self._h
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "storage_options": self.storage_options, "mode": self.mode, "lookup": self.lookup}
+        return {"url": self.url, "storage_options": self.storage_options, "mode": self.mode, "lookup": self.lookup,
+                "retry": self.retry}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], state["storage_options"], state["mode"], state["lookup"], _lazy=True)
+        self.__init__(state["url"], state["storage_options"], state["mode"], state["lookup"], _lazy=True,
+                      retry=state.get("retry"))
 
     def __repr__(self) -> str:
         return f"CIStore({self.url!r}, mode={self.mode!r})"
@@ -209,6 +219,21 @@ class CIStore:
                                         L.max_object_nbytes, self.url)
         return {s: h.records[s] for s in shards}
 
+    def remove_stale_claims(self) -> list[int]:
+        """Delete the claims of complete shards (left by a writer that could not remove its claim after the record
+        was written; they protect nothing) and return those shards. Claims of incomplete shards may belong to
+        running writers and are kept. create(exist_ok=True) calls this when a job resumes."""
+        h = self._handle()
+        claims = {shard_from_done_key(k): k for k in h.objects.list_prefix(f"{CLAIMS_PREFIX}/")}
+        claims.pop(None, None)          # temporary files of local writers in progress
+        if not claims:
+            return []
+        done = self.completed_shards()
+        stale = sorted(s for s in claims if s in done)
+        for s in stale:
+            h.objects.delete(claims[s])
+        return stale
+
     def failures(self) -> dict[str, str]:
         """utterance id -> reason, over all complete shards."""
         done = sorted(self.completed_shards())
@@ -228,6 +253,8 @@ class CIStore:
 
         `arrays` holds every utterance of the shard except those in `failures` (id -> reason), which are padded
         and recorded. Rewriting a complete shard with the same content does nothing; different content raises.
+        Safe with several writers of one shard at once (a zombie task, two runs): the same content succeeds for
+        all, different content for one, the others get a StoreError naming the shard and what differs.
         """
         if self.mode == "r":
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write shards")
@@ -258,26 +285,99 @@ class CIStore:
             a = off - sh.start
             block[a:a + n] = self._check_array(uid, arrays[uid], n)
         block_sha = data_sha256(block)
+        mine = {"data_sha256": block_sha, "failures": dict(sorted(failures.items())), "object_sha256": None}
         existing = h.objects.get(done_key(shard))
         if existing is not None:
-            old = decode_record(existing, shard, self.url)
-            if old["data_sha256"] == block_sha and old["failures"] == dict(sorted(failures.items())):
-                h.records[shard] = old
-                return old
-            raise StoreError(f"{self.url}: shard {shard} is already complete with different content "
-                             f"(data or failures differ); refusing to overwrite it. Delete {done_key(shard)} "
-                             f"to rewrite the shard.")
+            return self._settle(shard, decode_record(existing, shard, self.url), mine, block, tidy=True)
         payload = layout.encode(block)
         record = build_record(self.array_name, sh, layout.shard_frames, failures, block_sha, payload)
-        key = shard_key(self.array_name, shard)
-        if payload is None:
-            if h.objects.exists(key):            # left by an interrupted attempt
-                h.objects.delete(key)
+        return self._commit(shard, record, payload, block)
+
+    def _commit(self, shard: int, record: dict, payload: bytes | None, block: np.ndarray) -> dict:
+        """Claim the shard, write its object, create its record if absent, release the claim (see
+        docs/store-format.md#concurrent-writers). Only the claimant, or a writer whose object is byte-identical to
+        the claimant's, ever writes the shard object, so a losing writer never changes a completed shard."""
+        h = self._handle()
+        objects, ckey, dkey = h.objects, claim_key(shard), done_key(shard)
+        me = writer_id()
+        claim = build_claim(record, me)
+        for _ in range(_CLAIM_ROUNDS):
+            held = objects.create(ckey, encode_record(claim))
+            if held:
+                break
+            raw = objects.get(ckey)
+            if raw is not None:
+                other = decode_claim(raw, shard, self.url)
+                held = other["writer"] == me         # our own create, retried after its answer was lost
+                if held or same_object(other, record):
+                    break                            # identical bytes: safe to write next to the claimant
+            existing = objects.get(dkey)             # the claimant may have finished (or let go) meanwhile
+            if existing is not None:
+                return self._settle(shard, decode_record(existing, shard, self.url), record, block, tidy=True)
+            if raw is not None:
+                raise StoreError(
+                    f"{self.url}: shard {shard} is being written by another writer with different content "
+                    f"({'; '.join(content_differences(other, record))}); its claim {ckey} names writer "
+                    f"{other['writer']}. If that writer is no longer running (a crashed job), delete "
+                    f"{self.url}/{ckey} and write the shard again.")
         else:
-            h.objects.set(key, payload)
-        h.objects.set(done_key(shard), encode_record(record))
-        h.records[shard] = record
-        return record
+            raise StoreError(f"{self.url}: shard {shard}: could not claim {ckey} in {_CLAIM_ROUNDS} rounds "
+                             f"(other writers keep claiming and releasing it)")
+        settled = False
+        try:
+            existing = objects.get(dkey)             # completed since our first look: never touch its object
+            if existing is not None:
+                out = self._settle(shard, decode_record(existing, shard, self.url), record, block)
+            else:
+                key = shard_key(self.array_name, shard)
+                if payload is not None:
+                    objects.set(key, payload)        # replaces what an interrupted attempt may have left
+                elif objects.exists(key):            # all padding: no object; remove an interrupted attempt's
+                    objects.delete(key)
+                if objects.create(dkey, encode_record(record)):
+                    h.records[shard] = out = record
+                else:     # our own create answered late, or a claimless writer (non-atomic storage)
+                    out = self._settle(shard, decode_record(objects.get(dkey) or b"", shard, self.url), record,
+                                       block)
+            settled = True
+            return out
+        finally:
+            if held or settled:      # settled: a record exists, the claim protects nothing; held: let others try
+                try:
+                    objects.delete(ckey)
+                except Exception as e:  # noqa: BLE001 - never hide the write's own outcome behind this one
+                    log.warning("%s/%s: could not remove the claim (%s: %s); harmless once shard %d is complete, "
+                                "else delete it before writing the shard with other content",
+                                self.url, ckey, type(e).__name__, e, shard)
+
+    def _settle(self, shard: int, theirs: dict, ours: dict, block: np.ndarray, tidy: bool = False) -> dict:
+        """The shard is complete with record `theirs`: fine if it holds our labels and failures (returned), else a
+        StoreError naming the shard and what differs. tidy: also remove a claim a crashed writer left behind."""
+        h = self._handle()
+        if same_labels(theirs, ours):
+            h.records[shard] = theirs
+            if tidy and not h.objects.read_only and h.objects.exists(claim_key(shard)):
+                h.objects.delete(claim_key(shard))
+            return theirs
+        diffs = content_differences(theirs, ours, self._differing_utterances(shard, theirs, block))
+        raise StoreError(f"{self.url}: shard {shard} is already complete with different content "
+                         f"({'; '.join(diffs)}); refusing to overwrite it. Delete {done_key(shard)} to rewrite "
+                         f"the shard.")
+
+    def _differing_utterances(self, shard: int, theirs: dict, block: np.ndarray) -> list[str] | None:
+        """Utterances whose stored rows differ from ours (both written), read from the stored shard; None if it
+        cannot be read (then the error names the checksums only)."""
+        sh = self.plan.shards[shard]
+        try:
+            (rows,) = self._handle().reader.read([(shard, 0, sh.size)], {shard: int(theirs["object_nbytes"])})
+        except Exception:  # noqa: BLE001 - an explanation, not a check: fall back to the checksums
+            return None
+        out = []
+        for uid, off, n in zip(sh.utt_ids, sh.offsets, sh.num_frames):
+            a = off - sh.start
+            if uid not in theirs["failures"] and not np.array_equal(rows[a:a + n], block[a:a + n]):
+                out.append(uid)
+        return out
 
     def _check_array(self, uid: str, arr, n: int) -> np.ndarray:
         a = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
@@ -357,9 +457,11 @@ class CIStore:
 
 
 # --- create / open ------------------------------------------------------------------------------------------------
-def open_store(url, mode: str = "r", storage_options: dict | None = None, lookup: str = "auto") -> CIStore:
-    """Open an existing store. StoreError (naming the path) if it is not a ci-store or its format is newer."""
-    return CIStore(url, storage_options, mode=mode, lookup=lookup)
+def open_store(url, mode: str = "r", storage_options: dict | None = None, lookup: str = "auto",
+               retry: RetryPolicy | None = None) -> CIStore:
+    """Open an existing store. StoreError (naming the path) if it is not a ci-store or its format is newer.
+    retry: how transient storage errors are retried (ci_store.fsio.RetryPolicy; default fsio.DEFAULT_RETRY)."""
+    return CIStore(url, storage_options, mode=mode, lookup=lookup, retry=retry)
 
 
 def _positive(x, what: str, integer: bool = True):
@@ -392,7 +494,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
            dim: int | None = None, dtype=None, frame_rate: float, teacher: dict | None = None,
            quantizer: dict | None = None, storage_options: dict | None = None, exist_ok: bool = False,
            extra: dict | None = None, compressor: str | None = None, chunk_frames: int | None = None,
-           lookup: str = "auto") -> CIStore:
+           lookup: str = "auto", retry: RetryPolicy | None = None) -> CIStore:
     """Create an empty store laid out by `plan` (index written now); shards are filled later by write_shard.
 
     exist_ok=True reopens a store made with the same plan, kind, shape, teacher and quantizer (to resume a job);
@@ -454,7 +556,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         "created_by": created_by(), "extra": extra,
     }
     url = normalize_url(url)
-    objects = ObjectStore(url, storage_options, read_only=False)
+    objects = ObjectStore(url, storage_options, read_only=False, retry=retry)
     if not objects.is_empty():
         keys = objects.list_all()
         root = objects.get("zarr.json")
@@ -467,10 +569,11 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         if attrs is not None:
             if not exist_ok:
                 raise StoreError(f"{url} already holds a ci-store; pass exist_ok=True to resume it")
-            existing = CIStore(url, storage_options, mode="r+", lookup=lookup)
+            existing = CIStore(url, storage_options, mode="r+", lookup=lookup, retry=retry)
             diffs = _differences(existing.meta, meta)
             if diffs:
                 raise StoreError(f"{url} already holds a different ci-store: " + "; ".join(diffs))
+            existing.remove_stale_claims()
             return existing
         if root is None or not all(k.startswith(_CREATE_PREFIXES) for k in keys):
             foreign = [k for k in keys if not k.startswith(_CREATE_PREFIXES)]
@@ -486,7 +589,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     group.create_group(DONE_GROUP, attributes={
         "description": "completion records: one JSON object per finished shard (shard-NNNNNN.json)"})
     group.update_attributes({ATTRS_KEY: meta})     # last: a store without it is an unfinished create
-    return CIStore(url, storage_options, mode="r+", lookup=lookup)
+    return CIStore(url, storage_options, mode="r+", lookup=lookup, retry=retry)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
