@@ -221,12 +221,16 @@ class CIStore:
             raise StoreError(f"{self.url}: shard {shard!r} does not exist (store has {self.num_shards} shards)")
 
     # --- writing -----------------------------------------------------------------------------------------------
-    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], failures: Mapping[str, str] | None = None
-                    ) -> dict:
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], failures: Mapping[str, str] | None = None,
+                    *, replace: bool = False) -> dict:
         """Write every utterance of one shard, then its completion record; returns the record.
 
         `arrays` holds every utterance of the shard except those in `failures` (id -> reason), which are padded
-        and recorded. Rewriting a complete shard with the same content does nothing; different content raises.
+        and recorded. Rewriting a complete shard with the same content does nothing; different content raises,
+        unless `replace=True` (the one path that rewrites a complete shard, e.g. `extract --retry-failed`): its
+        completion record is deleted first, so until the new one is written the shard reads as incomplete, and
+        a crash in between leaves an incomplete shard that the next run rewrites, never a record that
+        disagrees with the data.
         """
         if self.mode == "r":
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write shards")
@@ -263,6 +267,11 @@ class CIStore:
             if old["data_sha256"] == block_sha and old["failures"] == dict(sorted(failures.items())):
                 h.records[shard] = old
                 return old
+            if replace:
+                h.objects.delete(done_key(shard))
+                h.records.pop(shard, None)
+                existing = None
+        if existing is not None:
             raise StoreError(f"{self.url}: shard {shard} is already complete with different content "
                              f"(data or failures differ); refusing to overwrite it. Delete {done_key(shard)} "
                              f"to rewrite the shard.")
