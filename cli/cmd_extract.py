@@ -101,12 +101,16 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
 @click.option("--batch-frames", default=20000, show_default=True, help="Frames per quantizer encode call.")
 @click.option("--storage-options", default=None, help="JSON dict for fsspec (endpoint, credentials, caching).")
 @click.option("--retries", default=2, show_default=True, help="Dask retries per shard task.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also recompute the failed utterances of complete shards (e.g. audio missing or unreachable in "
+                   "an earlier run) and rewrite those shards; utterances that have labels keep their bytes.")
 @click.option("--dask-profile", is_flag=True,
               help="Keep Dask's statistical profiler and fast monitoring ticks in the embedded cluster (the "
                    "dashboard's Profile page); off by default for throughput.")
 @click.option("--no-progress", is_flag=True)
 def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, out, float_labels, float_dtype, workers, threads_per_worker,
-                scheduler, shard_frames, batch_frames, storage_options, retries, dask_profile, no_progress):
+                scheduler, shard_frames, batch_frames, storage_options, retries, retry_failed, dask_profile,
+                no_progress):
     """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
     from distill.extract import DEFAULT_SHARD_FRAMES, ExtractionConfig, run_extraction
 
@@ -116,12 +120,12 @@ def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, 
     cfg = ExtractionConfig(teacher=teacher, layer=layer, quantizer=quantizer, out=out,
                            float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=json_object(storage_options, "--storage-options"),
                            batch_frames=batch_frames, threads_per_worker=threads_per_worker,
-                           teacher_kind=teacher_kind, short_input=short_input)
+                           teacher_kind=teacher_kind, short_input=short_input, retry_failed=retry_failed)
     report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler,
                             shard_frames=shard_frames or DEFAULT_SHARD_FRAMES, progress=not no_progress,
                             retries=retries, dask_profile=dask_profile, log=click.echo)
     click.echo(report.summary())
     if not report.ok:
-        click.echo(f"error: {len(report.failures)} utterance(s) failed; the rest of the store is complete",
-                   err=True)
+        click.echo(f"error: {report.num_failed} utterance(s) failed; the rest of the store is complete "
+                   f"(--retry-failed redoes them)", err=True)
         sys.exit(2)
