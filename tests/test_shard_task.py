@@ -347,3 +347,24 @@ def test_prefetch_reads_ahead_in_order_and_at_most_depth_items():
         consumed[0] += 1
     assert out == [i * i for i in range(10)]
     assert callers and threading.current_thread().name not in callers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_shard_task_encodes_on_the_device(reference, corpus, models, tmp_path):
+    """Teacher, code buffer and quantizer on the GPU (frames never copied to the host; float labels cast there):
+    a complete, verified store whose codes match the CPU reference up to GPU rounding, and float16 labels equal to
+    the float32 ones cast by numpy."""
+    out = tmp_path / "ci"
+    cfg = _cfg(models, out, device="cuda", float_labels=[str(tmp_path / "f16"), str(tmp_path / "f32")],
+               float_dtype=["float16", "float32"])
+    results = _in_process(corpus["train"], cfg)
+    assert not any(r.failures or r.float_failures for r in results)
+    res = CliRunner().invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    ci, ref = open_store(str(out)), open_store(str(reference))
+    f16, f32 = open_store(str(tmp_path / "f16")), open_store(str(tmp_path / "f32"))
+    assert np.mean([(ci[u] == ref[u]).mean() for u in ref.ids]) > 0.9
+    q = MultiCodebookQuantizer.load(models[1])
+    for u in ref.ids[:3]:
+        np.testing.assert_array_equal(f16[u], f32[u].astype(np.float16))
+        assert (q.encode(f32[u]) == ci[u]).mean() > 0.99

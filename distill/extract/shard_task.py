@@ -10,9 +10,10 @@ about `checkpoint_frames` frames of consecutive utterances):
      float labels travel to the CPU, cast to their dtype on the device first;
   4. at the end of the segment its float-label shards are written, and the codes of its utterances are
      checkpointed (distill/extract/checkpoints.py).
-At the end the CI shard is written and its checkpoints deleted. So a task holds at most one segment of float labels
-and `batch_frames` frames waiting for the quantizer, never a whole shard of float32 frames, and a pre-empted task
-loses at most one segment of teacher work: its rerun reuses the checkpoints and the complete float shards.
+At the end the CI shard is written and its checkpoints deleted. So a task holds at most one segment of float
+labels and up to MAX_BUFFER_FRAMES frames waiting for the quantizer, never a whole shard of float32 frames, and a
+pre-empted task loses at most one segment of teacher work: its rerun reuses the checkpoints and complete float
+shards.
 
 Failures are per store: a float16 overflow (a teacher value beyond +-65504) fails the utterance in that float16
 store only; its codes are computed from float32 frames and stored.
@@ -40,6 +41,10 @@ from distill.extract.checkpoints import ShardCheckpoints, store_identity
 log = logging.getLogger(__name__)
 
 FLOAT16_MAX = 65504.0
+ENCODE_ROWS = 4096  # frames per quantizer call (a multiple of its block rows; codes do not depend on it)
+# Frames gathered before encoding, at most (batch_frames above it only costs memory: 32 MiB at 1024 dims here; the
+# quantizer's zero-padded last block of each flush wastes < 256 rows, ~1.5% of the encode work)
+MAX_BUFFER_FRAMES = 8192
 FLOAT16_OVERFLOW = "float16 overflow"  # start of the failure reason a float16 store records for such an utterance
 
 
@@ -54,7 +59,7 @@ class ShardResult:
     skipped: bool = False
     frames_reused: int = 0  # frames whose codes came from checkpoints of an interrupted attempt
     io_retries: int = 0  # transient storage faults retried while reading audio
-    retried: int = 0  # failed utterances recomputed (retry_failed)
+    retried: int = 0  # utterances recomputed because a complete shard recorded them as failed (retry_failed)
     float_failures: dict = field(default_factory=dict)  # failures recorded only in float-label stores
 
 
@@ -96,37 +101,52 @@ def frame_problem(emb, planned: int) -> str | None:
 
 
 class CodeBuffer:
-    """Teacher frames waiting for the quantizer, on its device; encoded in groups of about `batch_frames`
-    frames (codes do not depend on the grouping: the quantizer encodes fixed zero-padded row blocks)."""
+    """Teacher frames waiting for the quantizer, copied into one preallocated [min(batch_frames,
+    MAX_BUFFER_FRAMES), dim] tensor on the teacher's device and encoded when it is full (codes do not depend on the
+    grouping: the quantizer encodes fixed zero-padded row blocks). Memory: that one buffer, however long the shard;
+    codes land in `codes`."""
 
-    def __init__(self, quantizer, batch_frames: int):
-        self.quantizer, self.batch_frames = quantizer, max(1, int(batch_frames))
-        self.pending: list = []
+    def __init__(self, quantizer, batch_frames: int, codes: dict[str, np.ndarray]):
+        self.quantizer, self.codes = quantizer, codes
+        self.batch_frames = max(1, min(int(batch_frames), MAX_BUFFER_FRAMES))
+        self.buf = None
         self.rows = 0
-        self.codes: dict[str, np.ndarray] = {}
+        self.spans: list[tuple[str, int, int]] = []
 
     def add(self, uid: str, emb) -> None:
-        self.pending.append((uid, emb))
-        self.rows += int(emb.shape[0])
-        if self.rows >= self.batch_frames:
-            self.flush()
-
-    def flush(self) -> dict[str, np.ndarray]:
         import torch
 
-        if self.pending:
-            cat = self.pending[0][1] if len(self.pending) == 1 else torch.cat([e for _, e in self.pending])
-            codes = self.quantizer.encode_torch(cat)
-            dtype = np.dtype(self.quantizer.codes_dtype)
-            small = codes.to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy().astype(dtype,
-                                                                                                    copy=False)
-            at = 0
-            for uid, e in self.pending:
-                n = int(e.shape[0])
-                self.codes[uid] = small[at:at + n]
-                at += n
-            self.pending, self.rows = [], 0
-        return self.codes
+        n = int(emb.shape[0])
+        if n >= self.batch_frames:  # longer than the buffer: encoded on its own
+            self._encode(emb, [(uid, 0, n)])
+            return
+        if self.rows + n > self.batch_frames:
+            self.flush()
+        if self.buf is None or self.buf.device != emb.device:
+            self.buf = torch.empty(self.batch_frames, emb.shape[1], dtype=torch.float32, device=emb.device)
+        self.buf[self.rows:self.rows + n] = emb
+        self.spans.append((uid, self.rows, n))
+        self.rows += n
+
+    def flush(self) -> None:
+        if self.rows:
+            self._encode(self.buf[:self.rows], self.spans)
+        self.rows, self.spans = 0, []
+
+    def _encode(self, frames, spans) -> None:
+        """Codes of `frames`, ENCODE_ROWS at a time: the quantizer's input check (torch.isfinite) takes ~1.7x its
+        input in temporaries, so one call over a 20,000-frame buffer would add more than the buffer itself."""
+        import torch
+
+        q = self.quantizer
+        dtype = np.dtype(q.codes_dtype)
+        step = max(q.block_rows, ENCODE_ROWS // q.block_rows * q.block_rows)
+        small = np.empty((frames.shape[0], q.num_codebooks), dtype=dtype)
+        for s in range(0, frames.shape[0], step):
+            codes = q.encode_torch(frames[s:s + step])
+            small[s:s + step] = codes.to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy()
+        for uid, at, n in spans:
+            self.codes[uid] = small[at:at + n]
 
 
 # ---------------------------------------------------------------------------------------------- float side
@@ -312,9 +332,9 @@ def run_shard_task(cfg, shard_index: int, utts: list[Utterance], float_shards: l
     float_failed: dict[str, str] = {}
     with torch.inference_mode():
         audio = prefetched(read, order, depth)
+        buffer = CodeBuffer(quantizer, cfg.batch_frames, codes)
         try:
             for k, batches, ci_ids in work:
-                buffer = CodeBuffer(quantizer, cfg.batch_frames)
                 failed_now: dict[str, str] = {}
                 for batch in batches:
                     ok = []
@@ -342,7 +362,7 @@ def run_shard_task(cfg, shard_index: int, utts: list[Utterance], float_shards: l
                         for p in seg_parts[k]:
                             if uid in p.need:
                                 p.add(uid, emb)
-                codes.update(buffer.flush())
+                buffer.flush()
                 failures.update({u: r for u, r in failed_now.items() if u in ci_ids})
                 for p in seg_parts[k]:
                     if p.need:
@@ -354,12 +374,12 @@ def run_shard_task(cfg, shard_index: int, utts: list[Utterance], float_shards: l
         finally:
             audio.close()
 
-    retried = 0
+    retried = len((ci_need if ci_complete else set()).union(
+        *(p.need for ps in parts.values() for p in ps if p.complete)))
     if not ci_complete:
         store.write_shard(shard_index, codes, failures=failures)
         ckpt.clear()
     elif ci_need:
-        retried = len(ci_need)
         new_failures = {u: failures[u] for u in ci_need if u in failures}
         recovered = {u: codes[u] for u in ci_need if u in codes}
         if recovered or new_failures != ci_recorded:
