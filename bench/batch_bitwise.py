@@ -31,7 +31,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from distill.codec.quantizer import MultiCodebookQuantizer
