@@ -368,3 +368,23 @@ def test_cuda_shard_task_encodes_on_the_device(reference, corpus, models, tmp_pa
     for u in ref.ids[:3]:
         np.testing.assert_array_equal(f16[u], f32[u].astype(np.float16))
         assert (q.encode(f32[u]) == ci[u]).mean() > 0.99
+
+
+def test_planning_retries_header_probes_and_refuses_to_plan_on_persistent_faults(corpus, models, tmp_path):
+    """Without lengths in the manifest, planning reads headers: a transient fault is retried; one that persists
+    stops planning (a 0-sample placeholder would fix a wrong frame count into the plan) and nothing is written.
+    (Planning waits the default backoff, a few seconds at most here.)"""
+    from distill.extract import ExtractionError
+
+    entries = [{"id": e["id"], "audio": e["audio"]} for e in _entries(corpus)[:3]]
+    manifest = _manifest(tmp_path / "m.jsonl", entries, "flaky://")
+    FlakyFileSystem.plan(entries[1]["audio"], ConnectionResetError(errno.ECONNRESET, "reset"))
+    plan, _ = prepare(manifest, _cfg(models, tmp_path / "a"), shard_frames=SHARD)
+    teacher = load_teacher(models[0], layer=2)
+    n = json.loads(gzip.open(corpus["train"], "rt").readlines()[1])["recording"]["num_samples"]
+    frames = {u: f for sh in plan.shards for u, f in zip(sh.utt_ids, sh.num_frames)}
+    assert frames[entries[1]["id"]] == teacher.num_frames(n) and FlakyFileSystem.count(entries[1]["audio"]) == 2
+    FlakyFileSystem.plan(entries[2]["audio"], *[TimeoutError("timed out")] * 5)
+    with pytest.raises(ExtractionError, match=entries[2]["id"]):
+        prepare(manifest, _cfg(models, tmp_path / "b"), shard_frames=SHARD)
+    assert not (tmp_path / "b").exists()

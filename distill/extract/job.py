@@ -33,6 +33,7 @@ from distill.teachers import load_teacher
 # ~22 min of 50 Hz audio, 1/16 of a default shard: the most teacher work a pre-empted task loses (docs/cluster.md).
 DEFAULT_CHECKPOINT_FRAMES = 65536
 
+
 @dataclass
 class ExtractionConfig:
     """Everything a shard task needs; plain data so it ships to Dask workers without pickling models."""

@@ -22,13 +22,18 @@ class ExtractionError(RuntimeError):
 
 def probe_all(utts: list[Utterance], storage_options: dict | None) -> list[Utterance]:
     """Fill missing sample counts from file headers; unreadable files keep a 0-sample placeholder so they
-    still get an index entry and fail (recorded, with the reason) inside their shard task."""
+    still get an index entry and fail (recorded, with the reason) inside their shard task. A header that storage
+    keeps failing to serve (transient faults, after probe_utterance's retries) stops planning instead: a
+    placeholder would fix a wrong frame count into the store's plan for good."""
     out = []
     for u in utts:
         if u.num_samples is None or u.sample_rate is None:
             try:
                 u = probe_utterance(u, storage_options)
-            except AudioError:
+            except AudioError as e:
+                if e.transient:
+                    raise ExtractionError(f"cannot plan the store: {e}; nothing was written, run again once the "
+                                          f"storage answers") from None
                 u = dataclasses.replace(u, num_samples=0, sample_rate=u.sample_rate or 16000)
         out.append(u)
     return out
