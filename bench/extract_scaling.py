@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import filecmp
 import json
 import math
@@ -271,7 +272,7 @@ STAGES = [  # (label, file suffix, function name): cumulative time inside run_sh
     ("open stores + completion checks", "ci_store/store.py", "open_store"),
     ("", "ci_store/store.py", "is_shard_complete"),
     ("audio read (decode + resample)", "distill/data/audio.py", "read_audio"),
-    ("teacher forward", "distill/extract/", "embed_utterance"),
+    ("teacher forward", "distill/extract/", "embed_batch"),
     ("quantizer encode", "distill/codec/quantizer.py", "encode"),
     ("  of which: unary GEMM", "distill/codec/search.py", "unary_terms"),
     ("  of which: beam search", "distill/codec/search.py", "beam_search"),
@@ -288,6 +289,7 @@ def profile_task(manifest: str, cfg, shard_frames: int) -> dict:
     from distill.extract.job import _models
 
     torch.set_num_threads(cfg.threads_per_worker)
+    cfg = dataclasses.replace(cfg, prefetch=0)  # audio read inline: cProfile sees only this thread
     if os.path.exists(cfg.out):
         shutil.rmtree(cfg.out)
     plan, tasks = prepare(manifest, cfg, shard_frames=shard_frames)

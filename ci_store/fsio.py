@@ -89,7 +89,10 @@ TRANSIENT_ERROR_CODES = frozenset({
 })
 TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
     "ETIMEDOUT", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "EPIPE", "EAGAIN", "ENETDOWN", "ENETUNREACH",
-    "ENETRESET", "EHOSTUNREACH", "EHOSTDOWN", "ESTALE") if hasattr(errno, n))
+    "ENETRESET", "EHOSTUNREACH", "EHOSTDOWN", "ESTALE",
+    "EBUSY",         # s3fs's translation of 503 SlowDown / ServiceUnavailable and 409 conflicts
+    "EREMOTEIO",     # s3fs's translation of 500 InternalError
+) if hasattr(errno, n))
 # client-library exception classes (matched by name along the MRO, so ci_store imports none of those libraries)
 _TRANSIENT_CLASSES = frozenset({
     "botocore.exceptions:HTTPClientError", "botocore.exceptions:ConnectionError",
@@ -143,7 +146,8 @@ def is_transient(exc: BaseException) -> bool:
     FileExistsError), bad data (ValueError, StoreError), certificate failures and anything unrecognised.
 
     Libraries wrap errors (s3fs raises OSError(EBUSY) with the botocore ClientError as __cause__ for a 503), so the
-    explicit cause chain is followed. One place decides, for the store's object I/O and for audio reads alike.
+    cause chain is followed (the implicit __context__ too, for wrappers that raise without `from`). One place
+    decides, for the store's object I/O and for audio reads alike (distill.data.audio.is_transient_io_error).
     """
     seen = 0
     while exc is not None and seen < 8:
@@ -160,7 +164,7 @@ def is_transient(exc: BaseException) -> bool:
             return status in TRANSIENT_HTTP_STATUS or code in TRANSIENT_ERROR_CODES
         if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
             return True
-        exc = exc.__cause__
+        exc = exc.__cause__ or exc.__context__
     return False
 
 

@@ -247,14 +247,18 @@ class CIStore:
             raise StoreError(f"{self.url}: shard {shard!r} does not exist (store has {self.num_shards} shards)")
 
     # --- writing -----------------------------------------------------------------------------------------------
-    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], failures: Mapping[str, str] | None = None
-                    ) -> dict:
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], failures: Mapping[str, str] | None = None,
+                    *, replace: bool = False) -> dict:
         """Write every utterance of one shard, then its completion record; returns the record.
 
         `arrays` holds every utterance of the shard except those in `failures` (id -> reason), which are padded
         and recorded. Rewriting a complete shard with the same content does nothing; different content raises.
         Safe with several writers of one shard at once (a zombie task, two runs): the same content succeeds for
         all, different content for one, the others get a StoreError naming the shard and what differs.
+        `replace=True` is the one path that rewrites a complete shard (e.g. `extract --retry-failed`): its
+        completion record is deleted first, so until the new one is written the shard reads as incomplete, and a
+        crash in between leaves an incomplete shard that the next run rewrites, never a record that disagrees
+        with the data.
         """
         if self.mode == "r":
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write shards")
@@ -288,7 +292,11 @@ class CIStore:
         mine = {"data_sha256": block_sha, "failures": dict(sorted(failures.items())), "object_sha256": None}
         existing = h.objects.get(done_key(shard))
         if existing is not None:
-            return self._settle(shard, decode_record(existing, shard, self.url), mine, block, tidy=True)
+            old = decode_record(existing, shard, self.url)
+            if not replace or same_labels(old, mine):
+                return self._settle(shard, old, mine, block, tidy=True)
+            h.objects.delete(done_key(shard))
+            h.records.pop(shard, None)
         payload = layout.encode(block)
         record = build_record(self.array_name, sh, layout.shard_frames, failures, block_sha, payload)
         return self._commit(shard, record, payload, block)

@@ -163,6 +163,9 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
               help="JSON dict for fsspec to read the manifest and probe audio headers in this process (default: "
                    "--storage-options).")
 @click.option("--retries", default=2, show_default=True, help="Dask retries per shard task.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also recompute the failed utterances of complete shards (e.g. audio missing or unreachable in "
+                   "an earlier run) and rewrite those shards; utterances that have labels keep their bytes.")
 @click.option("--dask-profile", is_flag=True,
               help="Keep Dask's statistical profiler and fast monitoring ticks in the embedded cluster (the "
                    "dashboard's Profile page); off by default for throughput.")
@@ -171,7 +174,8 @@ def train_quantizer_cmd(frames, num_codebooks, codebook_size, out_path, seed, he
               help="Print the summary as one JSON object on stdout (messages go to stderr).")
 def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, out, float_labels, float_dtype, device,
                 teacher_dtype, workers, threads_per_worker, scheduler, cluster, cluster_options, jobs, adaptive,
-                shard_frames, batch_frames, storage_options, manifest_storage_options, retries, dask_profile,
+                shard_frames, batch_frames, storage_options, manifest_storage_options, retries, retry_failed,
+                dask_profile,
                 no_progress, as_json):
     """Run teacher + quantizer over MANIFEST and write the CI store (resumable: completed shards are skipped)."""
     import json
@@ -196,7 +200,7 @@ def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, 
                            float_labels=list(float_labels), float_dtype=dtypes[: len(float_labels)], storage_options=so,
                            batch_frames=batch_frames, threads_per_worker=threads_per_worker,
                            teacher_kind=teacher_kind, short_input=short_input, device=device,
-                           teacher_dtype=teacher_dtype)
+                           teacher_dtype=teacher_dtype, retry_failed=retry_failed)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     report = run_extraction(manifest, cfg, workers=workers, scheduler=scheduler, cluster=cluster,
                             cluster_options=copts, jobs=jobs, adaptive=adaptive,
@@ -204,6 +208,6 @@ def extract_cmd(manifest, teacher, layer, teacher_kind, short_input, quantizer, 
                             retries=retries, dask_profile=dask_profile, manifest_storage_options=mso, log=log)
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.summary())
     if not report.ok:
-        click.echo(f"error: {len(report.failures)} utterance(s) failed; the rest of the store is complete",
-                   err=True)
+        click.echo(f"error: {report.num_failed} utterance(s) failed; the rest of the store is complete "
+                   f"(--retry-failed redoes them)", err=True)
         sys.exit(2)

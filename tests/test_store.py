@@ -254,6 +254,24 @@ def test_rewrite_is_idempotent_and_refuses_different_content(full_store, data):
     assert all_objects(full_store.url) == before
 
 
+def test_replace_rewrites_a_complete_shard_and_equals_a_fresh_write(tmp_path, full_store, utts, data):
+    """write_shard(replace=True): a shard first written with a failure, rewritten with the utterance recovered,
+    holds exactly the bytes of a store written right the first time (object and record)."""
+    sh = full_store.plan.shards[1]
+    victim = sh.utt_ids[2]
+    plan = plan_shards(utts, 256)
+    st = create(str(tmp_path / "t"), plan, num_codebooks=NCB, frame_rate=50.0, chunk_frames=32)
+    fill(st, data, failures={victim: "audio file not found"})
+    assert st.failures() == {victim: "audio file not found"}
+    with pytest.raises(StoreError, match="already complete with different content"):
+        st.write_shard(1, {u: data[u] for u in sh.utt_ids})
+    rec = st.write_shard(1, {u: data[u] for u in sh.utt_ids}, replace=True)
+    assert rec["failures"] == {} and st.failures() == {}
+    np.testing.assert_array_equal(open_store(st.url)[victim], data[victim])
+    assert all_objects(st.url) == all_objects(full_store.url)
+    assert verify_store(st.url) == []
+
+
 def test_failures_recorded_and_reported(tmp_path, utts, data):
     plan = plan_shards(utts, 256)
     st = create(str(tmp_path / "s"), plan, num_codebooks=NCB, frame_rate=50.0, chunk_frames=32)

@@ -3,6 +3,12 @@
 Audio goes through fsspec so local disks, S3 and GCS work alike; resampling is a polyphase Kaiser-windowed sinc
 filter in numpy (no scipy/torchaudio needed) aligned like scipy.signal.resample_poly, and the output length is
 exactly `Utterance.num_samples_at(rate)` (ceil(n * to / from)) so frame counts are known before audio is read.
+
+Storage faults are of two kinds. Transient ones (timeouts, connection resets, HTTP 429/5xx such as S3's 503
+SlowDown; `is_transient_io_error`) are retried with jittered exponential backoff, a bounded number of times, before
+the utterance is declared failed; everything else (missing, corrupt, empty, wrong format, permissions) fails at
+once. A fault raised while libsndfile reads through fsspec would otherwise be swallowed by soundfile's callbacks
+and look like a truncated or corrupt file, so reads go through `_FaultRecorder`, which keeps the real exception.
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import dataclasses
 import functools
 import io
 import math
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -18,24 +26,117 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
+from ci_store.fsio import is_transient
 from distill.data.manifest import Utterance, compute_num_samples, resampled_length
 
-__all__ = ["AudioError", "read_audio", "resample", "probe_utterance", "probe_missing"]
+__all__ = ["AudioError", "read_audio", "resample", "probe_utterance", "probe_missing", "is_transient_io_error",
+           "IO_ATTEMPTS", "IO_BACKOFF_SECONDS"]
 
 # Same default as lhotse (LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE): headers are sometimes a few ms off.
 DURATION_TOLERANCE_S = 0.025
+# Reads of one utterance on transient storage faults, and the first retry's delay ceiling (doubling up to
+# IO_BACKOFF_MAX_SECONDS, full jitter): 5 attempts wait ~7 s at most, enough to ride out an S3 throttle burst.
+IO_ATTEMPTS, IO_BACKOFF_SECONDS, IO_BACKOFF_MAX_SECONDS = 5, 0.5, 8.0
 
 
 class AudioError(Exception):
-    """An utterance's audio cannot be used; `.utt_id`, `.reason` and `.path` say which and why."""
+    """An utterance's audio cannot be used; `.utt_id`, `.reason` and `.path` say which and why. `.transient` is
+    True for a storage fault that another attempt may not meet (the reason then says how many attempts failed)."""
 
-    def __init__(self, utt_id: str, reason: str, path: str | None = None):
-        self.utt_id, self.reason, self.path = utt_id, reason, path
+    def __init__(self, utt_id: str, reason: str, path: str | None = None, transient: bool = False):
+        self.utt_id, self.reason, self.path, self.transient = utt_id, reason, path, transient
         where = f" (file {path})" if path else ""
         super().__init__(f"utterance {utt_id!r}{where}: {reason}")
 
     def __reduce__(self):  # keep all fields across process boundaries (Dask workers pickle exceptions)
-        return (type(self), (self.utt_id, self.reason, self.path))
+        return (type(self), (self.utt_id, self.reason, self.path, self.transient))
+
+
+# ------------------------------------------------------------------------------------ transient storage faults
+
+def is_transient_io_error(exc: BaseException) -> bool:
+    """True when reading again later may succeed (timeouts, resets, HTTP 408/429/5xx, S3 SlowDown, socket errnos,
+    botocore/aiohttp connection errors, anywhere in the cause chain). The store's classification, so audio reads
+    and store I/O agree on what is worth a retry: ci_store.fsio.is_transient."""
+    return is_transient(exc)
+
+
+def _io_error(utt: Utterance, what: str, e: BaseException) -> AudioError:
+    """AudioError for a storage fault, marked transient or not by is_transient_io_error."""
+    transient = is_transient_io_error(e)
+    kind = "transient storage error" if transient else "I/O error"
+    return AudioError(utt.id, f"{what}: {kind} ({type(e).__name__}: {e})", utt.audio, transient=transient)
+
+
+def with_io_retries(fn: Callable[[], object], utt: Utterance, *, attempts: int = IO_ATTEMPTS,
+                    backoff: float = IO_BACKOFF_SECONDS, on_retry: Callable[[AudioError, int, float], None] | None
+                    = None, sleep: Callable[[float], None] = time.sleep):
+    """fn() with transient AudioErrors retried: up to `attempts` calls, waiting a random time in
+    [0, min(IO_BACKOFF_MAX_SECONDS, backoff * 2**k)] before retry k+1 (full jitter, so workers throttled together
+    do not retry together). Permanent errors raise at once; the last transient one raises with its reason saying
+    how many attempts failed. on_retry(error, attempt, delay) is called before each wait."""
+    attempts = max(1, int(attempts))
+    for k in range(attempts):
+        try:
+            return fn()
+        except AudioError as e:
+            if not e.transient:
+                raise
+            if k == attempts - 1:
+                raise AudioError(e.utt_id, f"{e.reason}; still failing after {attempts} attempts", e.path,
+                                 transient=True) from None
+            delay = random.uniform(0.0, min(IO_BACKOFF_MAX_SECONDS, backoff * (2 ** k)))
+            if on_retry is not None:
+                on_retry(e, k + 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class _FaultRecorder(io.RawIOBase):
+    """A read-only file wrapper for soundfile that keeps the first I/O exception of the underlying file.
+
+    soundfile calls read/seek from C callbacks that swallow Python exceptions (a connection reset mid-read would
+    surface as a short read, i.e. a "truncated" or "corrupt" file); here the exception is stored and the read
+    reports end of file, and open_sound/read_audio raise the stored exception's AudioError instead."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f, self.error = f, None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            data = self._f.read(len(buf))
+        except Exception as e:  # noqa: BLE001 - kept and re-raised as an AudioError by the caller
+            self.error = e
+            return 0
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.error is None:
+            try:
+                return self._f.seek(offset, whence)
+            except Exception as e:  # noqa: BLE001
+                self.error = e
+        return self.tell()
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            super().close()
 
 
 def _sf_reason(e: Exception, f) -> str:
@@ -48,7 +149,15 @@ def _sf_reason(e: Exception, f) -> str:
 
 @contextmanager
 def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[sf.SoundFile]:
-    """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError."""
+    """Open the utterance's file through fsspec as a soundfile.SoundFile; open failures become AudioError
+    (`.transient` set for storage faults worth retrying, see is_transient_io_error)."""
+    with _open_sound(utt, storage_options) as (snd, _):
+        yield snd
+
+
+@contextmanager
+def _open_sound(utt: Utterance, storage_options: dict | None) -> Iterator[tuple[sf.SoundFile, _FaultRecorder]]:
+    """open_sound, also yielding the file's _FaultRecorder (read_audio checks it after reading)."""
     try:
         if "::" in utt.audio:  # a member of an archive (Lhotse Shar: tar://ID.flac::SHARD.tar): read it whole
             fs, member = fsspec.core.url_to_fs(utt.audio, **(storage_options or {}))
@@ -57,12 +166,15 @@ def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[
             f = fsspec.open(utt.audio, "rb", **(storage_options or {})).open()
     except FileNotFoundError:
         raise AudioError(utt.id, "audio file not found", utt.audio) from None
-    except Exception as e:  # permissions, directories, bad URLs, network: all fatal for this utterance
-        raise AudioError(utt.id, f"cannot open audio file ({type(e).__name__}: {e})", utt.audio) from None
+    except Exception as e:  # permissions, directories, bad URLs: fatal; timeouts, resets, 5xx: transient
+        raise _io_error(utt, "cannot open audio file", e) from None
+    f = _FaultRecorder(f)
     try:
         try:
             snd = sf.SoundFile(f)
         except Exception as e:  # LibsndfileError (a RuntimeError) for corrupt/unknown formats
+            if f.error is not None:  # the storage failed under libsndfile: not the file's fault
+                raise _io_error(utt, "reading the audio header failed", f.error) from None
             size = None
             try:
                 f.seek(0, 2)
@@ -73,7 +185,9 @@ def open_sound(utt: Utterance, storage_options: dict | None = None) -> Iterator[
                 raise AudioError(utt.id, "empty audio file (0 bytes)", utt.audio) from None
             raise AudioError(utt.id, f"unreadable or corrupt audio ({_sf_reason(e, f)})", utt.audio) from None
         with snd:
-            yield snd
+            yield snd, f
+            if f.error is not None:
+                raise _io_error(utt, "reading the audio failed", f.error)
     finally:
         f.close()
 
@@ -123,19 +237,28 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int, *, block: int = 8192) 
 
 
 def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = None, *,
-               min_samples: int = 1, duration_tolerance: float = DURATION_TOLERANCE_S) -> np.ndarray:
+               min_samples: int = 1, duration_tolerance: float = DURATION_TOLERANCE_S,
+               attempts: int = IO_ATTEMPTS, backoff: float = IO_BACKOFF_SECONDS,
+               on_retry: Callable[[AudioError, int, float], None] | None = None) -> np.ndarray:
     """The utterance's samples as float32 mono at `target_rate`, exactly `utt.num_samples_at(target_rate)` long
     (or, when the manifest has no length, the rest of the file from `offset`).
 
     Raises AudioError for: missing/unreadable/corrupt/empty files, a file rate different from the manifest's,
     a segment past the end of the file or more than `duration_tolerance` seconds short, a missing channel,
-    NaN/Inf samples, and results shorter than `min_samples` (counted at `target_rate`).
+    NaN/Inf samples, and results shorter than `min_samples` (counted at `target_rate`). Transient storage faults
+    are retried first (`attempts` reads in all, backoff as in with_io_retries); the others raise at once.
     """
-    target_rate = int(target_rate)
+    return with_io_retries(lambda: _read_audio_once(utt, int(target_rate), storage_options, min_samples,
+                                                    duration_tolerance),
+                           utt, attempts=attempts, backoff=backoff, on_retry=on_retry)
+
+
+def _read_audio_once(utt: Utterance, target_rate: int, storage_options: dict | None, min_samples: int,
+                     duration_tolerance: float) -> np.ndarray:
     if utt.lhotse_cut is not None:
         mono, sr, want = _render_lhotse_cut(utt), int(utt.sample_rate), int(utt.num_samples)
         return _finish(utt, mono, sr, want, target_rate, min_samples)
-    with open_sound(utt, storage_options) as snd:
+    with _open_sound(utt, storage_options) as (snd, recorder):
         sr, frames, channels = int(snd.samplerate), int(snd.frames), int(snd.channels)
         if utt.sample_rate is not None and utt.sample_rate != sr:
             raise AudioError(utt.id, f"sample rate mismatch: file is {sr} Hz, manifest says {utt.sample_rate} Hz",
@@ -161,7 +284,11 @@ def read_audio(utt: Utterance, target_rate: int, storage_options: dict | None = 
             snd.seek(start)
             data = snd.read(want, dtype="float32", always_2d=True)
         except Exception as e:
+            if recorder.error is not None:
+                raise _io_error(utt, "reading the audio failed", recorder.error) from None
             raise AudioError(utt.id, f"decoding failed ({_sf_reason(e, snd)})", utt.audio) from None
+        if recorder.error is not None:  # a short read because the storage failed, not a truncated file
+            raise _io_error(utt, "reading the audio failed", recorder.error)
     short = want - data.shape[0]
     if short > 0:
         if data.shape[0] == 0:
@@ -180,9 +307,9 @@ def _render_lhotse_cut(utt: Utterance) -> np.ndarray:
 
     try:
         audio = deserialize_item(utt.lhotse_cut).load_audio()
-    except Exception as e:  # missing files, unreadable sources, unsupported transforms
+    except Exception as e:  # missing files, unreadable sources, unsupported transforms; or a storage fault
         raise AudioError(utt.id, f"lhotse could not load the cut's audio ({type(e).__name__}: {e})",
-                         utt.audio) from None
+                         utt.audio, transient=is_transient_io_error(e)) from None
     audio = np.asarray(audio, dtype=np.float32).reshape(-1, np.shape(audio)[-1])
     if audio.shape[-1] != utt.num_samples:
         raise AudioError(utt.id, f"lhotse rendered {audio.shape[-1]} samples, the cut says {utt.num_samples}",
@@ -207,15 +334,22 @@ def _finish(utt: Utterance, mono: np.ndarray, sr: int, want: int, target_rate: i
 
 # ----------------------------------------------------------------------------------------------- probing
 
-def probe_utterance(utt: Utterance, storage_options: dict | None = None) -> Utterance:
+def probe_utterance(utt: Utterance, storage_options: dict | None = None, *, attempts: int = IO_ATTEMPTS,
+                    backoff: float = IO_BACKOFF_SECONDS) -> Utterance:
     """Fill sample_rate/num_samples/duration from the file header (soundfile.info) when the manifest lacks them.
 
-    Pure function of one utterance, so callers can map it over workers. Raises AudioError on unreadable files.
+    Pure function of one utterance, so callers can map it over workers. Raises AudioError on unreadable files
+    (after retrying transient storage faults, as read_audio does: a throttled header read must not plan the
+    utterance as empty).
     """
     if utt.sample_rate is not None and utt.num_samples is not None and utt.duration is not None:
         return utt
-    with open_sound(utt, storage_options) as snd:
-        sr, frames = int(snd.samplerate), int(snd.frames)
+
+    def header():
+        with open_sound(utt, storage_options) as snd:
+            return int(snd.samplerate), int(snd.frames)
+
+    sr, frames = with_io_retries(header, utt, attempts=attempts, backoff=backoff)
     if utt.sample_rate is not None and utt.sample_rate != sr:
         raise AudioError(utt.id, f"sample rate mismatch: file is {sr} Hz, manifest says {utt.sample_rate} Hz",
                          utt.audio)

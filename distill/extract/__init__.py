@@ -1,7 +1,9 @@
 """The extraction job: corpus -> teacher -> codec -> CI store, one Dask task per shard.
 
 - `planning`: exact frame counts and the shard layout (CI shards with float-label shards nested inside);
-- `job`: the shard task and the driver that runs the tasks on Dask, resumably;
+- `job`: the job's configuration and the driver that runs the shard tasks on Dask, resumably;
+- `shard_task`: one shard task (prefetched audio, teacher, on-device encoding, float sub-shards, retries);
+- `checkpoints`: the codes of finished segments of an unfinished shard, so a pre-empted task resumes there;
 - `cluster`: devices, the clusters the job starts (embedded CPU or one-worker-per-GPU, dask-jobqueue batch jobs)
   and per-worker tuning;
 - `frames`: a seeded sample of teacher frames for training the quantizer.

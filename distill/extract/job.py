@@ -7,7 +7,9 @@ job resume where it stopped.
 Reproducibility: the shard layout depends only on the manifest's ids and exact frame counts (sorted by id), each
 utterance goes through the teacher alone (no padding, so batch composition cannot change its frames), every
 worker runs torch with a fixed thread count, and the quantizer's encoding is bit-identical whatever the batch.
-So worker count, batch size and manifest order do not change a single stored byte.
+So worker count, batch size and manifest order do not change a single stored byte. (`batch_seconds` trades this
+for speed: padded teacher batches change frames in the last bits; see distill/extract/shard_task.py, which holds
+the shard task itself.)
 """
 from __future__ import annotations
 
@@ -22,14 +24,20 @@ import numpy as np
 from ci_store import create, open_store
 from ci_store.errors import StoreError
 from ci_store.format import DEFAULT_CODES_SHARD_FRAMES as DEFAULT_SHARD_FRAMES
-from distill.data.audio import AudioError, read_audio
+from distill.data.audio import IO_ATTEMPTS, IO_BACKOFF_SECONDS
 from distill.data.manifest import Utterance, load_manifest
 from distill.extract.cluster import (GPU_RESOURCE, check_device, check_jobqueue_submit, device_type, embedded_cluster,
                                      embedded_gpu_cluster, embedded_gpus, has_bokeh, jobqueue_cluster, parse_device,
                                      undo_dask_malloc_trim)
 from distill.extract.planning import (PROBE_THREADS, ExtractionError, check_unique_ids, float_layout_frames,
                                       frame_counts, plan_stores, probe_all)
+from distill.extract.shard_task import ShardProgress, ShardResult, run_shard_task, shards_with_failures  # noqa: F401
 from distill.teachers import TEACHER_DTYPES, load_teacher
+
+# Codes of a shard are checkpointed every this many frames (when there are no float-label shards to do it):
+# ~22 min of 50 Hz audio, 1/16 of a default shard: the most teacher work a pre-empted task loses (docs/cluster.md).
+DEFAULT_CHECKPOINT_FRAMES = 65536
+
 
 @dataclass
 class ExtractionConfig:
@@ -48,6 +56,13 @@ class ExtractionConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N (run_extraction pins each embedded worker to one GPU)
     teacher_kind: str | None = None  # load_teacher(kind=): None detects the format from the files
     short_input: str | None = None  # Whisper teachers: mode for inputs under 30 s (None: the teacher's default)
+    batch_seconds: float | None = None  # teacher batches of up to this much padded audio, sorted by length;
+    #                                     None: one utterance per forward (bit-reproducible; batches are not)
+    prefetch: int = 8  # utterances read and decoded ahead of the teacher on a background thread (0: inline)
+    checkpoint_frames: int = DEFAULT_CHECKPOINT_FRAMES  # codes checkpoint interval without float labels
+    io_attempts: int = IO_ATTEMPTS  # reads of an utterance's audio on transient storage faults
+    io_backoff_seconds: float = IO_BACKOFF_SECONDS  # first retry's delay ceiling (doubles; full jitter)
+    retry_failed: bool = False  # also redo the failed utterances of complete shards (`extract --retry-failed`)
     teacher_dtype: str = "float32"  # the teacher's weights: float32, float16 or bfloat16 (recorded in the store)
     progress_topic: str | None = None  # Dask event topic the shard tasks report frames done on (set by the driver)
 
@@ -72,17 +87,6 @@ class ExtractionConfig:
 
 
 @dataclass
-class ShardResult:
-    shard: int
-    frames: int
-    utterances: int
-    failures: dict
-    seconds_total: float
-    seconds_teacher: float
-    skipped: bool = False
-
-
-@dataclass
 class ExtractionReport:
     out: str
     num_shards: int
@@ -92,12 +96,18 @@ class ExtractionReport:
     seconds: float
     seconds_teacher: float
     failures: dict
+    float_failures: dict = field(default_factory=dict)  # float-label store URL -> {id: reason}, when any
     provenance: dict = field(default_factory=dict)  # device type, teacher dtype, torch threads (as stored)
     workers: int | None = None  # workers that ran tasks (None: no task ran)
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not any(self.float_failures.values())
+
+    @property
+    def num_failed(self) -> int:
+        """Utterances failed in the CI store or in any float-label store."""
+        return len(set(self.failures).union(*self.float_failures.values()))
 
     def to_dict(self) -> dict:
         """The report as plain JSON data (`ci-store extract --json`)."""
@@ -116,6 +126,11 @@ class ExtractionReport:
             lines.append(f"  {uid}: {reason}")
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more (see `ci-store inspect`)")
+        for url, fails in self.float_failures.items():
+            only = {u: r for u, r in fails.items() if u not in self.failures}
+            if only:
+                lines.append(f"failed only in float labels {url}: {len(only)}")
+                lines += [f"  {uid}: {reason}" for uid, reason in sorted(only.items())[:20]]
         return "\n".join(lines)
 
 
@@ -152,7 +167,7 @@ def _models(cfg: ExtractionConfig):
 
 
 def embed_utterance(teacher, utt: Utterance, wave: np.ndarray) -> np.ndarray:
-    """Teacher frames [T, dim] float32 for one utterance, embedded alone (no padding)."""
+    """Teacher frames [T, dim] float32 for one utterance, embedded alone (no padding), as a numpy array."""
     import torch
 
     with torch.inference_mode():
@@ -161,105 +176,11 @@ def embed_utterance(teacher, utt: Utterance, wave: np.ndarray) -> np.ndarray:
     return frames[0, : int(lens[0])].float().cpu().numpy()
 
 
-class ShardProgress:
-    """Reports a shard task's frames extracted so far to the driver's progress bar, as a Dask event on
-    cfg.progress_topic, at most every `interval` seconds; a no-op outside a Dask worker or without a topic."""
-
-    def __init__(self, topic: str | None, shard: int, interval: float = 0.5):
-        self.topic, self.shard, self.interval = topic, shard, interval
-        self.frames, self.last, self.worker = 0, 0.0, None
-        if topic:
-            try:
-                from distributed import get_worker
-
-                self.worker = get_worker()
-            except (ImportError, ValueError):  # not inside a Dask task
-                pass
-
-    def __call__(self, frames: int) -> None:
-        """Count `frames` more frames of this shard as extracted."""
-        self.frames += int(frames)
-        now = time.monotonic()
-        if self.worker is not None and now - self.last >= self.interval:
-            self.last = now
-            self.worker.log_event(self.topic, {"shard": self.shard, "frames": self.frames})
-
-
 def run_shard(cfg: ExtractionConfig, shard_index: int, utts: list[Utterance],
               float_shards: list[int] | None = None) -> ShardResult:
-    """Extract one CI shard (and the float-label shards nested in it); a no-op if already complete."""
-    t0 = time.perf_counter()
-    store = open_store(cfg.out, mode="r+", storage_options=cfg.storage_options or None)
-    so = cfg.storage_options or None
-    float_todo = []  # (store, dtype, nested shards not yet complete)
-    for url, dtype in cfg.float_targets():
-        fstore = open_store(url, mode="r+", storage_options=so)
-        todo = [j for j in (float_shards or []) if not fstore.is_shard_complete(j)]
-        if todo:
-            float_todo.append((fstore, dtype, todo))
-    if store.is_shard_complete(shard_index) and not float_todo:
-        return ShardResult(shard_index, 0, 0, {}, 0.0, 0.0, skipped=True)
-    teacher, quantizer = _models(cfg)
-    expected = {sid: n for sid, n in zip(store.plan.shards[shard_index].utt_ids,
-                                          store.plan.shards[shard_index].num_frames)}
-    embeddings: dict[str, np.ndarray] = {}
-    failures: dict[str, str] = {}
-    t_teacher = 0.0
-    progress = ShardProgress(cfg.progress_topic, shard_index)
-    for utt in utts:
-        try:
-            wave = read_audio(utt, teacher.sample_rate, storage_options=cfg.storage_options or None,
-                              min_samples=max(int(cfg.min_seconds * teacher.sample_rate),
-                                                  teacher.min_samples))
-        except AudioError as e:
-            failures[utt.id] = e.reason
-            continue
-        t1 = time.perf_counter()
-        emb = embed_utterance(teacher, utt, wave)
-        t_teacher += time.perf_counter() - t1
-        progress(emb.shape[0])
-        if emb.shape[0] != expected[utt.id]:
-            failures[utt.id] = (f"teacher produced {emb.shape[0]} frames, planned {expected[utt.id]} "
-                                f"(manifest sample count disagrees with the audio?)")
-            continue
-        if not np.isfinite(emb).all():
-            bad = int(np.argmax(~np.isfinite(emb).all(axis=1)))
-            failures[utt.id] = f"non-finite teacher embedding (NaN/inf) at frame {bad}"
-            continue
-        embeddings[utt.id] = emb
-    codes = _encode_all(quantizer, embeddings, cfg.batch_frames)
-    for fstore, dtype, todo in float_todo:
-        for j in todo:
-            sub = fstore.plan.shards[j]
-            fstore.write_shard(j, {u: embeddings[u].astype(dtype) for u in sub.utt_ids if u in embeddings},
-                               failures={u: failures[u] for u in sub.utt_ids if u in failures})
-    if not store.is_shard_complete(shard_index):
-        store.write_shard(shard_index, codes, failures=failures)
-    frames = sum(int(e.shape[0]) for e in embeddings.values())
-    return ShardResult(shard_index, frames, len(utts), failures, time.perf_counter() - t0, t_teacher)
-
-
-def _encode_all(quantizer, embeddings: dict[str, np.ndarray], batch_frames: int) -> dict[str, np.ndarray]:
-    """Encode many utterances with few quantizer calls; codes are batch-invariant so grouping is free."""
-    if not embeddings:
-        return {}
-    ids = list(embeddings)
-    out: dict[str, np.ndarray] = {}
-    group: list[str] = []
-    count = 0
-    for i, uid in enumerate(ids):
-        group.append(uid)
-        count += embeddings[uid].shape[0]
-        if count >= batch_frames or i == len(ids) - 1:
-            cat = np.concatenate([embeddings[u] for u in group])
-            codes = quantizer.encode(cat)
-            start = 0
-            for u in group:
-                n = embeddings[u].shape[0]
-                out[u] = codes[start:start + n]
-                start += n
-            group, count = [], 0
-    return out
+    """Extract one CI shard (and the float-label shards nested in it); a no-op if already complete.
+    The task itself is distill/extract/shard_task.py; this is what the driver submits to Dask."""
+    return run_shard_task(cfg, shard_index, utts, float_shards, load_models=_models)
 
 
 # ---------------------------------------------------------------- the job
@@ -494,7 +415,9 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int | None = Non
     done = store.completed_shards()
     fdone = [open_store(url, mode="r", storage_options=cfg.storage_options or None).completed_shards()
              for url, _ in cfg.float_targets()]
-    todo = [t for t in tasks if t[0] not in done or any(j not in d for d in fdone for j in (t[2] or []))]
+    retry = shards_with_failures(cfg) if cfg.retry_failed else set()
+    todo = [t for t in tasks
+            if t[0] not in done or t[0] in retry or any(j not in d for d in fdone for j in (t[2] or []))]
     skipped = len(tasks) - len(todo)
     results: list[ShardResult] = []
     n_workers = None
@@ -530,8 +453,13 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int | None = Non
             if owned is not None:
                 owned.close()
     store = open_store(cfg.out, mode="r", storage_options=cfg.storage_options or None)
+    float_failures = {url: open_store(url, mode="r", storage_options=cfg.storage_options or None).failures()
+                      for url, _ in cfg.float_targets()}
     return ExtractionReport(
         out=cfg.out, num_shards=plan.num_shards, shards_run=len(todo), shards_skipped=skipped,
         frames=sum(r.frames for r in results), seconds=time.perf_counter() - t0,
         seconds_teacher=sum(r.seconds_teacher for r in results), failures=store.failures(),
-        provenance=cfg.provenance(), workers=n_workers)
+        provenance=cfg.provenance(), workers=n_workers,
+        float_failures={u: f for u, f in float_failures.items() if f})
+
+

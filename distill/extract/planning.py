@@ -26,7 +26,9 @@ PROBE_THREADS = 16  # header reads are latency-bound (object stores: one or two 
 def probe_all(utts: list[Utterance], storage_options: dict | None, *, threads: int = PROBE_THREADS,
               progress: bool = False) -> list[Utterance]:
     """Fill missing sample counts from file headers, `threads` files at a time; unreadable files keep a 0-sample
-    placeholder so they still get an index entry and fail (recorded, with the reason) inside their shard task."""
+    placeholder so they still get an index entry and fail (recorded, with the reason) inside their shard task. A
+    header that storage keeps failing to serve (transient faults, after probe_utterance's retries) stops planning
+    instead: a placeholder would fix a wrong frame count into the store's plan for good."""
     from tqdm.auto import tqdm
 
     need = [i for i, u in enumerate(utts) if u.num_samples is None or u.sample_rate is None]
@@ -42,6 +44,9 @@ def probe_all(utts: list[Utterance], storage_options: dict | None, *, threads: i
 
 
 def _unreadable(utt: Utterance, error: AudioError) -> Utterance:
+    if error.transient:
+        raise ExtractionError(f"cannot plan the store: {error}; nothing was written, run again once the storage "
+                              f"answers") from None
     return dataclasses.replace(utt, num_samples=0, sample_rate=utt.sample_rate or 16000)
 
 
