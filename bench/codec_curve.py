@@ -174,10 +174,20 @@ def run_config(spec: str, a) -> dict:
         json.dump(ours, open(ours_path, "w"))
     print(f"ours: held-out error {ours['rel_err']:.4f}, trained in {ours['train_s']:.0f} s", flush=True)
     sched = {}
+    partial = {}
     for iters in a.schedules:
         done_path = os.path.join(a.state_dir, f"{tag}_ref{iters}.json")
+        state_path = os.path.join(a.state_dir, f"{tag}_ref{iters}.state.pt")
         if os.path.exists(done_path):
             sched[iters] = json.load(open(done_path))
+        elif a.no_run:  # report an unfinished run's snapshots as they stand
+            if os.path.exists(state_path):
+                snaps = torch.load(state_path, weights_only=True)["snapshots"]
+                partial[iters] = {"iters_per_phase": iters, "steps": 2 * iters + 1, "snapshots": snaps}
+                last = snaps[-1]
+                print(f"reference {iters:,} + {iters:,} steps: UNFINISHED, at step {last['step']:,} held-out error "
+                      f"{last['rel_err']:.4f} after {last['train_s']:,.0f} s", flush=True)
+            continue
         else:
             sched[iters] = run_schedule(train, test, nb, iters, a.seed, os.path.join(a.state_dir,
                                         f"{tag}_ref{iters}.state.pt"), a.snapshot_every)
@@ -189,10 +199,11 @@ def run_config(spec: str, a) -> dict:
               f"{r['entropy_mean']:.2f}", flush=True)
     pts = sorted((r["steps"], r["rel_err"]) for r in sched.values())
     fit = fit_power([p[0] for p in pts], [p[1] for p in pts])
-    step_s = float(np.median([r["median_step_s"] for r in sched.values()]))
+    step_s = float(min(r["median_step_s"] for r in sched.values()))  # the least-loaded measurement
     out = {"config": spec, "name": name, "bytes_per_frame": nb, "dim": int(train.shape[1]), "description": desc,
            "n_train": int(train.shape[0]), "n_test": int(test.shape[0]), "ours": ours,
-           "schedules": {str(k): v for k, v in sched.items()}, "fit": fit, "ref_median_step_s": step_s,
+           "schedules": {str(k): v for k, v in sched.items()}, "fit": fit,
+           "unfinished": {str(k): v for k, v in partial.items()}, "ref_median_step_s": step_s,
            "ours_train_s_in_ref_steps": ours["train_s"] / step_s, "machine": machine_state()}
     best = min(r["rel_err"] for r in sched.values())
     print(f"best reference end point {best:.4f}: ours/reference = {ours['rel_err'] / best:.3f}x "
@@ -215,6 +226,10 @@ def plot(path: str, results: list[dict]) -> None:
             sn = s["snapshots"]
             ax.plot([p["step"] for p in sn], [p["rel_err"] for p in sn], lw=0.8, alpha=0.6,
                     label=f"ref. run {int(k):,}+{int(k):,} (within run)")
+        for k, s in sorted(r.get("unfinished", {}).items(), key=lambda kv: int(kv[0])):
+            sn = s["snapshots"]
+            ax.plot([p["step"] for p in sn], [p["rel_err"] for p in sn], lw=1.2, ls="--",
+                    label=f"ref. run {int(k):,}+{int(k):,} (unfinished, to step {sn[-1]['step']:,})")
         ends = sorted((s["steps"], s["rel_err"]) for s in r["schedules"].values())
         ax.plot(*zip(*ends), "ko-", ms=5, label="ref. end of schedule")
         xmax = 2 * REF_DEFAULT_ITERS
@@ -251,6 +266,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=os.path.join(HERE, ".cache", "embeddings"))
     ap.add_argument("--make-embeddings", default=os.path.join(os.path.dirname(ROOT), "shared", "bench",
                                                               "make_embeddings.py"))
+    ap.add_argument("--no-run", action="store_true",
+                    help="train nothing: report finished schedules and unfinished runs' snapshots from --state-dir")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a PNG of the given JSON results (positional) and exit")
     ap.add_argument("results", nargs="*", help="with --plot: JSON files written by --json")
