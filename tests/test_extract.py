@@ -34,18 +34,22 @@ def corpus(tmp_path_factory):
     return make_corpus(str(out), hours=0.012, dev_hours=0.001, test_hours=0.001, seed=11, progress=False)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, corpus):
-    d = tmp_path_factory.mktemp("models")
+def tiny_teacher_and_quantizer(d, manifest) -> tuple[str, str]:
+    """A random-weight native teacher (dim 32, 2 layers) saved in folder d, and a 4-codebook quantizer trained on
+    its layer-2 frames of 8 utterances of `manifest`: (teacher path, quantizer path)."""
     torch.manual_seed(0)
     teacher = str(d / "teacher.safetensors")
     save_native_teacher(NativeTeacherModel(NativeTeacherConfig(d_model=32, num_heads=2, ffn_dim=64, num_layers=2)),
                         teacher)
-    frames = sample_frames(corpus["train"], teacher, 2, num_utterances=8, seed=0, progress=False)
-    q = MultiCodebookQuantizer.train(frames, num_codebooks=4, seed=0, progress=False)
+    frames = sample_frames(manifest, teacher, 2, num_utterances=8, seed=0, progress=False)
     quantizer = str(d / "q.safetensors")
-    q.save(quantizer)
+    MultiCodebookQuantizer.train(frames, num_codebooks=4, seed=0, progress=False).save(quantizer)
     return teacher, quantizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, corpus):
+    return tiny_teacher_and_quantizer(tmp_path_factory.mktemp("models"), corpus["train"])
 
 
 def _cfg(models, out, **kw):

@@ -17,10 +17,11 @@ from ci_store import open_store
 from cli.main import main as cli
 from distill.codec.quantizer import MultiCodebookQuantizer
 from distill.data.manifest import load_manifest
-from distill.extract import ExtractionConfig, ExtractionError, run_extraction, sample_frames
+from distill.extract import ExtractionConfig, ExtractionError, run_extraction
 from distill.extract.cluster import (embedded_gpu_cluster, embedded_gpus, gpu_worker_specs, jobqueue_cluster,
                                      parse_device, check_device)
-from distill.teachers import NativeTeacherConfig, NativeTeacherModel, TeacherError, load_teacher, save_native_teacher
+from distill.teachers import TeacherError, load_teacher
+from test_extract import tiny_teacher_and_quantizer
 
 SHARD = 400  # frames per CI shard: a few shards from the tiny corpus (its longest utterance: 380 frames)
 CUDA = torch.cuda.is_available()
@@ -30,13 +31,7 @@ CUDA = torch.cuda.is_available()
 def kit(tmp_path_factory, tiny_corpus):
     """A random-weight native teacher (dim 32, 2 layers) and a 4-codebook quantizer trained on its frames."""
     d = tmp_path_factory.mktemp("cluster-kit")
-    torch.manual_seed(0)
-    teacher = str(d / "teacher.safetensors")
-    save_native_teacher(NativeTeacherModel(NativeTeacherConfig(d_model=32, num_heads=2, ffn_dim=64, num_layers=2)),
-                        teacher)
-    frames = sample_frames(tiny_corpus["train"], teacher, 2, num_utterances=8, seed=0, progress=False)
-    quantizer = str(d / "q.safetensors")
-    MultiCodebookQuantizer.train(frames, num_codebooks=4, seed=0, progress=False).save(quantizer)
+    teacher, quantizer = tiny_teacher_and_quantizer(d, tiny_corpus["train"])
     return {"teacher": teacher, "quantizer": quantizer, "manifest": tiny_corpus["train"], "dir": d}
 
 
