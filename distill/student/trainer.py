@@ -21,6 +21,7 @@ from distill import devices
 from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
 from distill.data.dataset import KDDataset
+from distill.data.fbank import FRAME_SHIFT_MS
 from distill.data.loader import make_loader
 from distill.data.sampler import ShardBucketSampler
 from distill.data.manifest import load_manifest
@@ -284,7 +285,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                     g["lr"] = warmup_cosine_lr(step, total_steps, peak=cfg.lr, warmup=cfg.warmup_steps,
                                                final_ratio=cfg.final_lr_ratio)
                 opt.zero_grad(set_to_none=True)
-                sums = torch.zeros(4, dtype=torch.float64)  # loss, transducer, kd, frames over the update
+                # over the update, all ranks: loss, transducer, kd, encoder frames, utterances, feature frames
+                sums = torch.zeros(6, dtype=torch.float64)
             batch = _to_device(batch, dev)
             micro += 1
             # accumulation micro-steps keep their gradients local; the update's last one all-reduces them
@@ -293,8 +295,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                 with devices.autocast(cfg.dtype, dev):
                     total, parts = net(batch, cfg.kd_scale)
                 scaler.scale(total / A if A > 1 else total).backward()
-            sums += torch.tensor([parts["total"], parts["transducer"], parts.get("kd", 0.0), parts["frames"]],
-                                 dtype=torch.float64)
+            sums += torch.tensor([parts["total"], parts["transducer"], parts.get("kd", 0.0), parts["frames"],
+                                  len(batch["ids"]), float(batch["feat_lens"].sum())], dtype=torch.float64)
             if micro < A:
                 continue
             micro = 0
@@ -311,7 +313,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
             n = W * A
             rec = {"step": step, "epoch": epoch + update_in_epoch / per_epoch, "loss": float(sums[0]) / n,
                    "loss_transducer": float(sums[1]) / n, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
-                   "frames": int(sums[3]), "time": time.perf_counter() - t_start}
+                   "frames": int(sums[3]), "utterances": int(sums[4]),
+                   "audio_seconds": round(float(sums[5]) * FRAME_SHIFT_MS / 1000, 2), "time": time.perf_counter() - t_start}
             if "kd" in parts:
                 rec["loss_kd"] = float(sums[2]) / n
             bar.update(1)
