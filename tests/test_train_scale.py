@@ -137,6 +137,22 @@ def test_mixed_precision_on_cpu(tiny_corpus, tmp_path, dtype):
     assert res["words"] > 0
 
 
+def test_float16_resume_continues_the_loss_scale(tiny_corpus, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    cfg = _cfg(dtype="float16", max_seconds=6)
+    train_student(tiny_corpus["train"], str(full), cfg=cfg, student=TINY, progress=False)
+    train_student(tiny_corpus["train"], str(resumed), cfg=cfg, student=TINY, progress=False, stop_after_steps=2)
+    meta = json.load(open(resumed / "last.json"))
+    assert meta["grad_scaler"]["scale"] > 1 and meta["grad_scaler"]["_growth_tracker"] >= 1
+    train_student(tiny_corpus["train"], str(resumed), cfg=cfg, student=TINY, progress=False)
+    assert _losses(full) == _losses(resumed)
+    # the scaler's state went on from the checkpoint (a fresh scaler would count its growth interval from 0)
+    assert json.load(open(full / "last.json"))["grad_scaler"] == json.load(open(resumed / "last.json"))["grad_scaler"]
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_bad_device_dtype_and_accum_are_refused(tiny_corpus, tmp_path):
     base = ["train-student", "--train", tiny_corpus["train"], "--kd", "none", "--out", str(tmp_path / "r")]
     r = CliRunner().invoke(main, base + ["--device", "gpu"])

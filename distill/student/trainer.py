@@ -128,10 +128,11 @@ def _check_settings(cfg: TrainConfig, labels, device: str) -> None:
 
 # settings that change the numbers a run computes: a resumed run must keep them (their option names for the message)
 _MUST_MATCH = {"dtype": "--dtype", "accum_grad": "--accum-grad"}
+_DEFAULTS_BEFORE_SCALE = {"dtype": "float32", "accum_grad": 1}  # what runs saved before these settings existed
 
 
 def _check_resume(saved: dict, cfg: TrainConfig, world_size: int, out_dir: str) -> None:
-    train = {**_DEFAULTS_BEFORE_SCALE, **saved["train"]}  # runs written before these settings existed
+    train = {**_DEFAULTS_BEFORE_SCALE, **saved["train"]}
     for key, option in _MUST_MATCH.items():
         if train[key] != getattr(cfg, key):
             raise TrainingError(f"{option} {getattr(cfg, key)}: the run in {out_dir} was trained with {option} "
@@ -145,9 +146,6 @@ def _check_resume(saved: dict, cfg: TrainConfig, world_size: int, out_dir: str) 
     if train != cfg.to_dict():
         raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
                             f"saved: {saved['train']}")
-
-
-_DEFAULTS_BEFORE_SCALE = {"dtype": "float32", "accum_grad": 1}
 
 
 class _LossOf(torch.nn.Module):
@@ -240,9 +238,12 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                             f"x --accum-grad {A}); lower --accum-grad / --world-size or --max-seconds")
     total_steps = cfg.epochs * per_epoch
     epoch, update_in_epoch, step = 0, 0, 0
+    scaler = devices.grad_scaler(cfg.dtype, dev)
     if resuming:
         meta = load_checkpoint(ckpt, model, opt, rank=rank.rank)
         epoch, step = meta["epoch"], meta["step"]
+        if meta.get("grad_scaler"):  # float16's loss scale continues where it was
+            scaler.load_state_dict(meta["grad_scaler"])
         update_in_epoch = meta.get("update_in_epoch", meta.get("batch_in_epoch", 0))
         log(f"resuming {out_dir} at epoch {epoch}, step {step}")
     if rank.is_main:
@@ -261,14 +262,14 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
 
         net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=model.kd_head is not None and not cfg.kd_scale)
-    scaler = devices.grad_scaler(cfg.dtype, dev)
     t_start = time.perf_counter()
     summary: dict = {}
 
     def checkpoint(ep, uie):
         states = _rng_states(rank, dev)
         if rank.is_main:
-            save_checkpoint(ckpt, model, opt, {"epoch": ep, "update_in_epoch": uie, "step": step}, rng_states=states)
+            save_checkpoint(ckpt, model, opt, {"epoch": ep, "update_in_epoch": uie, "step": step,
+                                               "grad_scaler": scaler.state_dict() or None}, rng_states=states)
         barrier(rank)
 
     while epoch < cfg.epochs:
