@@ -94,6 +94,9 @@ def test_two_processes_equal_one_with_accum_grad_2_across_a_resume(tiny_corpus, 
     # resuming the 2-process run with one process would change what each update sees: refused, naming the option
     with pytest.raises(TrainingError, match="--world-size 1: the run .* 2 process"):
         train_student(tiny_corpus["train"], str(two), cfg=_cfg(**SCALE), student=NO_DROPOUT, progress=False)
+    with pytest.raises(TrainingError, match="^--world-size 3: the run .* 2 process"):  # before any process starts
+        train_student(tiny_corpus["train"], str(two), cfg=_cfg(**SCALE), student=NO_DROPOUT, progress=False,
+                      world_size=3)
 
 
 def test_torchrun_two_processes_equal_cli_accum_grad_2(tiny_corpus, tmp_path):

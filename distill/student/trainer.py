@@ -79,6 +79,9 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
     rank = current_rank()
     if world_size is not None and world_size > 1 and not rank.distributed:
         os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "last.safetensors")):  # a refused resume: one clear error, here
+            with open(os.path.join(out_dir, "config.json")) as f:
+                _check_resume(json.load(f), cfg, world_size, out_dir)
         try:
             return spawn(world_size, train_student, (train_manifest, out_dir), dict(
                 labels=labels, dev_manifest=dev_manifest, cfg=cfg, student=student, tokenizer=tokenizer,
