@@ -6,7 +6,7 @@ import sys
 import click
 
 from cli.main import main
-from cli.options import json_object
+from cli.options import device_option, json_object, usable_device
 
 
 def _power_of_two(ctx, param, value):
@@ -15,25 +15,12 @@ def _power_of_two(ctx, param, value):
     return value
 
 
-def _device(ctx, param, value):
-    """cpu, cuda or cuda:N (the form only; whether this machine has it is checked where it must be)."""
-    from distill.extract import ExtractionError, parse_device
-
-    try:
-        parse_device(value)
-    except ExtractionError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
+# one worker per visible GPU for plain `cuda`: the hint --device errors give on these commands
+_device = device_option("one worker per visible GPU")
 
 
 def _usable_here(device: str) -> None:
-    """A --device this machine cannot compute on is a bad option value (exit 2), refused before any work."""
-    from distill.extract import ExtractionError, check_device
-
-    try:
-        check_device(device)
-    except ExtractionError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    usable_device(device, "one worker per visible GPU")
 
 
 def _min_max(ctx, param, value):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import click
 
 from cli.main import main
+from cli.options import device_option, usable_device
 
 
 # config field -> the option that sets it, so a refused value is named as the user typed it
 _OPTIONS = {"d_model": "--d-model", "num_heads": "--heads", "num_layers": "--layers", "ffn_dim": "--ffn-dim",
             "epochs": "--epochs", "max_steps": "--max-steps", "max_seconds_per_batch": "--max-seconds-per-batch",
-            "lr": "--lr", "grad_clip": "--grad-clip", "num_threads": "--threads", "num_workers": "--num-workers"}
+            "lr": "--lr", "grad_clip": "--grad-clip", "num_threads": "--threads", "num_workers": "--num-workers",
+            "accum_grad": "--accum-grad", "dtype": "--dtype", "device": "--device"}
 
 
 def _option_names(message: str) -> str:
@@ -46,13 +48,20 @@ def _option_names(message: str) -> str:
 @click.option("--no-cache", is_flag=True, help="Read audio from disk every epoch instead of keeping it in memory.")
 @click.option("--log", "log_path", default="auto", show_default=True,
               help="JSONL log of losses ('auto': <out>.log.jsonl; 'none': no log).")
+@click.option("--device", default="cpu", show_default=True, callback=device_option(), help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Autocast dtype of the forward (weights stay float32; float16 is loss-scaled).")
+@click.option("--accum-grad", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches per optimizer update; --max-steps, warmup and the schedule count updates.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_teacher_cmd(train_path, dev_path, out, d_model, layers, heads, ffn_dim, dropout, epochs, max_steps,
                       max_seconds_per_batch, lr, warmup_steps, grad_clip, no_spec_augment, max_utterance_seconds,
-                      dev_max_utterances, seed, threads, num_workers, no_cache, log_path, quiet):
+                      dev_max_utterances, seed, threads, num_workers, no_cache, device, dtype, accum_grad, log_path,
+                      quiet):
     """Train a log-mel transformer with a character CTC head on TRAIN and save it for `extract --teacher`."""
     from distill.teachers.training import TeacherTrainConfig, train_teacher
 
+    usable_device(device, dtype=dtype)
     try:  # option values that contradict each other: a usage error (exit 2) before any data is read
         cfg = TeacherTrainConfig(d_model=d_model, num_layers=layers, num_heads=heads, ffn_dim=ffn_dim,
                                  dropout=dropout, epochs=epochs, max_steps=max_steps,
@@ -60,7 +69,8 @@ def train_teacher_cmd(train_path, dev_path, out, d_model, layers, heads, ffn_dim
                                  grad_clip=grad_clip, spec_augment=not no_spec_augment,
                                  max_utterance_seconds=max_utterance_seconds or None,
                                  dev_max_utterances=dev_max_utterances, seed=seed, num_threads=threads,
-                                 num_workers=num_workers, cache_audio=not no_cache)
+                                 num_workers=num_workers, cache_audio=not no_cache, device=device, dtype=dtype,
+                                 accum_grad=accum_grad)
         cfg.model_config(2)  # validates d_model / heads / layers
     except ValueError as e:
         raise click.UsageError(_option_names(str(e).removeprefix("TeacherTrainConfig: "))) from None

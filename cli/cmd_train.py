@@ -6,7 +6,12 @@ import json
 import click
 
 from cli.main import main
-from cli.options import json_object
+from cli.options import device_option, json_object, usable_device
+
+DTYPE_CHOICE = click.Choice(["float32", "bfloat16", "float16"])
+DEVICE_HELP = "cpu, cuda or cuda:N (under torchrun / --world-size: cuda, each rank on cuda:LOCAL_RANK)."
+DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay float32); float16 adds loss "
+              "scaling. bfloat16 runs on CPU and recent GPUs.")
 
 
 @main.command("train-student")
@@ -29,19 +34,29 @@ from cli.options import json_object
 @click.option("--tokenizer", default=None, help="Tokenizer JSON (default: characters of the training texts).")
 @click.option("--bpe", default=None, type=int, help="Train a sentencepiece BPE tokenizer of this size instead.")
 @click.option("--storage-options", default=None, help="JSON dict for fsspec (label store / audio URLs).")
+@click.option("--device", default="cpu", show_default=True, callback=device_option(), help=DEVICE_HELP)
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help=DTYPE_HELP)
+@click.option("--accum-grad", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches per optimizer update (per process); the learning-rate schedule counts updates.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Spawn this many local data-parallel processes (gloo on CPU, nccl with one GPU each on CUDA). "
+                   "Leave out under torchrun, which sets it.")
 @click.option("--no-progress", is_flag=True)
 def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
                       warmup_steps, seed, num_workers, threads, student_json, tokenizer, bpe, storage_options,
-                      no_progress):
+                      device, dtype, accum_grad, world_size, no_progress):
     """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
     from distill.data.manifest import load_manifest
     from distill.data.tokenizer import BPETokenizer, load_tokenizer
+    from distill.student.distributed import current_rank
     from distill.student.trainer import TrainConfig, train_student
 
+    usable_device(device, dtype=dtype)
     if kd_scale is None:
         kd_scale = 0.1 if kd == "mvq" else 1.0
     cfg = TrainConfig(kd=kd, kd_scale=kd_scale, epochs=epochs, max_seconds=max_seconds, lr=lr,
-                      warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads)
+                      warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads, dtype=dtype,
+                      accum_grad=accum_grad)
     student = json_object(student_json, "--student")
     so = json_object(storage_options, "--storage-options") or None
     tok = None
@@ -56,25 +71,34 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
         texts = [u.text or "" for u in load_manifest(train_manifest)]
         os.makedirs(out_dir, exist_ok=True)
         try:
-            tok = BPETokenizer.train(texts, bpe, os.path.join(out_dir, "bpe"))
+            # under torchrun every rank trains the same pieces; only rank 0 writes the model file
+            prefix = os.path.join(out_dir, "bpe") if current_rank().is_main else None
+            tok = BPETokenizer.train(texts, bpe, prefix)
         except ValueError as e:  # e.g. a vocabulary larger than the texts allow
             raise click.BadParameter(str(e), param_hint="--bpe") from None
     summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
                             student=student, tokenizer=tok, storage_options=so, progress=not no_progress,
-                            log=click.echo)
-    click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+                            device=device, world_size=world_size, log=click.echo)
+    if current_rank().is_main:  # under torchrun every rank returns; rank 0 speaks for the job
+        click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
 
 
 @main.command("evaluate")
 @click.argument("run_dir")
 @click.argument("manifest")
 @click.option("--max-seconds", default=120.0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=device_option(),
+              help="cpu, cuda or cuda:N (whatever device the run was trained on).")
+@click.option("--dtype", type=DTYPE_CHOICE, default="float32", show_default=True, help=DTYPE_HELP)
+@click.option("--storage-options", default=None, help="JSON dict for fsspec (audio URLs in the manifest, e.g. S3).")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_cmd(run_dir, manifest, max_seconds, as_json):
+def evaluate_cmd(run_dir, manifest, max_seconds, device, dtype, storage_options, as_json):
     """Greedy-decode MANIFEST with the student in RUN_DIR and print its WER."""
     from distill.student.trainer import evaluate
 
-    res = evaluate(run_dir, manifest, max_seconds=max_seconds)
+    usable_device(device, dtype=dtype)
+    so = json_object(storage_options, "--storage-options") or None
+    res = evaluate(run_dir, manifest, max_seconds=max_seconds, device=device, dtype=dtype, storage_options=so)
     if as_json:
         click.echo(json.dumps(res))
     else:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 
+from distill import devices
 from distill.codec.malloc_tuning import raise_glibc_thresholds
 from distill.extract.planning import ExtractionError
 
@@ -61,11 +62,10 @@ def undo_dask_malloc_trim() -> bool:
 
 def parse_device(device: str) -> tuple[str, int | None]:
     """'cpu' -> ('cpu', None), 'cuda' -> ('cuda', None), 'cuda:N' -> ('cuda', N); anything else is refused."""
-    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(device).strip())
-    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
-        raise ExtractionError(f"--device {device!r} is not a device; use cpu, cuda (one worker per visible GPU) "
-                              f"or cuda:N (GPU N only)")
-    return m.group(1), None if m.group(2) is None else int(m.group(2))
+    try:
+        return devices.parse_device(device, cuda_hint=_CUDA_HINT)
+    except devices.DeviceError as e:
+        raise ExtractionError(str(e)) from None
 
 
 def device_type(device: str) -> str:
@@ -75,19 +75,13 @@ def device_type(device: str) -> str:
 
 def check_device(device: str) -> str:
     """`device`, if this process can compute on it; ExtractionError naming the device and why not otherwise."""
-    kind, index = parse_device(device)
-    if kind == "cpu":
-        return device
-    import torch
+    try:
+        return devices.check_device(device, cuda_hint=_CUDA_HINT)
+    except devices.DeviceError as e:
+        raise ExtractionError(str(e)) from None
 
-    if not torch.cuda.is_available():
-        raise ExtractionError(f"--device {device}: no CUDA device is usable here (torch {torch.__version__}, "
-                              f"torch.cuda.is_available() is False); use --device cpu")
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        raise ExtractionError(f"--device {device}: only {count} CUDA device(s) visible here (cuda:0 to "
-                              f"cuda:{count - 1})")
-    return device
+
+_CUDA_HINT = "one worker per visible GPU"
 
 
 def visible_gpus() -> list[str]:

@@ -3,10 +3,13 @@
 A run directory holds everything needed to continue or evaluate it: `config.json` (student + training
 settings), `tokenizer.json`, `last.safetensors` + `last.json` (model, optimizer, RNG, position in the epoch),
 `log.jsonl` (one line per logged step / evaluation) and `curves.png`. Re-running with the same directory
-resumes from `last`; the result is the same as an uninterrupted run.
+resumes from `last`; the result is the same as an uninterrupted run. Device (cpu / cuda), mixed precision
+(--dtype), gradient accumulation and data-parallel processes (distill/student/distributed.py) are handled here;
+checkpoints hold CPU tensors, so a run trained on GPUs resumes or evaluates on a CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -14,13 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
+from distill import devices
 from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
 from distill.data.dataset import KDDataset
+from distill.data.fbank import FRAME_SHIFT_MS
 from distill.data.loader import make_loader
 from distill.data.sampler import ShardBucketSampler
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
+from distill.student.distributed import (Rank, RankBatches, SpawnedRankError, barrier, current_rank,
+                                         init_distributed, spawn, updates_per_epoch)
 from distill.schedule import warmup_cosine_lr
 
 
@@ -45,21 +52,8 @@ class TrainConfig(JSONConfig):
     log_every: int = 10
     checkpoint_every: int = 200  # steps; also at every epoch end
     cache_features: bool = True
-
-
-class _SkipFirst(torch.utils.data.Sampler):
-    """A batch sampler that skips the batches an interrupted epoch already trained on."""
-
-    def __init__(self, inner: ShardBucketSampler, skip: int):
-        self.inner, self.skip = inner, skip
-
-    def __iter__(self):
-        for i, b in enumerate(self.inner):
-            if i >= self.skip:
-                yield b
-
-    def __len__(self):
-        return max(0, len(self.inner) - self.skip)
+    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16 | float16 (loss-scaled)
+    accum_grad: int = 1  # micro-batches per optimizer update (per process); the lr schedule counts updates
 
 
 def build_model(student_cfg: dict):
@@ -75,26 +69,134 @@ def build_model(student_cfg: dict):
 def train_student(train_manifest, out_dir: str, *, labels: str | None = None, dev_manifest=None,
                   cfg: TrainConfig | None = None, student: dict | None = None, tokenizer=None,
                   storage_options: dict | None = None, progress: bool = True, stop_after_steps: int | None = None,
-                  log=print) -> dict:
-    """Train (or resume) a student in `out_dir`; returns the final summary (last losses, dev WER)."""
-    from tqdm.auto import tqdm
+                  device: str = "cpu", world_size: int | None = None, log=print) -> dict:
+    """Train (or resume) a student in `out_dir`; returns the final summary (last losses, dev WER).
 
+    `device`: cpu, cuda or cuda:N (under torch.distributed, cuda means cuda:LOCAL_RANK). `world_size` N > 1 spawns
+    N local processes (gloo on CPU, nccl on CUDA) unless this process already is a rank of a job (torchrun)."""
     cfg = cfg or TrainConfig()
+    _check_settings(cfg, labels, device)
+    rank = current_rank()
+    if world_size is not None and world_size > 1 and not rank.distributed:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "last.safetensors")):  # a refused resume: one clear error, here
+            with open(os.path.join(out_dir, "config.json")) as f:
+                _check_resume(json.load(f), cfg, world_size, out_dir)
+        try:
+            return spawn(world_size, train_student, (train_manifest, out_dir), dict(
+                labels=labels, dev_manifest=dev_manifest, cfg=cfg, student=student, tokenizer=tokenizer,
+                storage_options=storage_options, progress=progress, stop_after_steps=stop_after_steps,
+                device=device, world_size=None, log=log))
+        except SpawnedRankError as e:
+            raise TrainingError(f"--world-size {world_size}: {e}") from None
+    if world_size is not None and rank.world_size != max(world_size, 1):
+        raise TrainingError(f"--world-size {world_size} but this process is rank {rank.rank} of a job of "
+                            f"{rank.world_size} (WORLD_SIZE from torchrun); leave --world-size out under torchrun")
+    kind, index = devices.parse_device(device)
+    if rank.distributed and kind == "cuda" and index is not None:
+        raise TrainingError(f"--device {device} with {rank.world_size} processes: each rank takes its own GPU; "
+                            f"use --device cuda (rank r computes on cuda:LOCAL_RANK)")
+    dev = devices.torch_device(device, rank.local_rank if rank.distributed else None)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    joined = init_distributed(rank, dev.type)
+    try:
+        return _train(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg, student=student,
+                      tokenizer=tokenizer, storage_options=storage_options, progress=progress and rank.is_main,
+                      stop_after_steps=stop_after_steps, device=device, dev=dev, rank=rank,
+                      log=log if rank.is_main else _quiet)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _quiet(*_args, **_kw) -> None:
+    """Ranks other than 0 print nothing (their messages would repeat rank 0's)."""
+
+
+def _check_settings(cfg: TrainConfig, labels, device: str) -> None:
+    """Refuse contradictory or unusable options before any data is read or any process is started."""
     if cfg.kd not in ("none", "mvq", "l1", "l2"):
         raise TrainingError(f"--kd must be none, mvq, l1 or l2, got {cfg.kd!r}")
     if cfg.kd != "none" and labels is None:
         raise TrainingError(f"--kd {cfg.kd} needs --labels (a CI store for mvq, a float-label store for l1/l2)")
+    if not isinstance(cfg.accum_grad, int) or cfg.accum_grad < 1:
+        raise TrainingError(f"--accum-grad must be an integer >= 1, got {cfg.accum_grad!r}")
+    try:
+        devices.check_device(device)
+        devices.check_dtype(cfg.dtype, device)
+    except devices.DeviceError as e:
+        raise TrainingError(str(e)) from None
+
+
+# settings that change the numbers a run computes: a resumed run must keep them (their option names for the message)
+_MUST_MATCH = {"dtype": "--dtype", "accum_grad": "--accum-grad"}
+_DEFAULTS_BEFORE_SCALE = {"dtype": "float32", "accum_grad": 1}  # what runs saved before these settings existed
+
+
+def _check_resume(saved: dict, cfg: TrainConfig, world_size: int, out_dir: str) -> None:
+    train = {**_DEFAULTS_BEFORE_SCALE, **saved["train"]}
+    for key, option in _MUST_MATCH.items():
+        if train[key] != getattr(cfg, key):
+            raise TrainingError(f"{option} {getattr(cfg, key)}: the run in {out_dir} was trained with {option} "
+                                f"{train[key]} and must resume with it (it changes the updates); use a new --out "
+                                f"directory to change it")
+    saved_world = saved.get("runtime", {}).get("world_size", 1)
+    if saved_world != world_size:
+        raise TrainingError(f"--world-size {world_size}: the run in {out_dir} was trained by {saved_world} "
+                            f"process(es) and must resume with as many (the processes split each update's "
+                            f"batches); use a new --out directory to change it")
+    if train != cfg.to_dict():
+        raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
+                            f"saved: {saved['train']}")
+
+
+class _LossOf(torch.nn.Module):
+    """The student's training loss as a forward(), so DistributedDataParallel sees (and synchronises) it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, kd_scale: float):
+        return self.model.compute_loss(batch, kd_scale=kd_scale)
+
+
+def _to_device(batch: dict, dev) -> dict:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _rng_states(rank: Rank, dev) -> dict:
+    """Every rank's generators, gathered on rank 0 (dropout continues exactly on resume); {} on the others."""
+    mine = {"torch": torch.get_rng_state()}
+    if dev.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(dev)
+    if not rank.distributed:
+        return mine
+    gathered = [None] * rank.world_size if rank.is_main else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if not rank.is_main:
+        return {}
+    return {name + (f".rank{r}" if r else ""): state for r, states in enumerate(gathered) for name, state in
+            states.items()}
+
+
+def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConfig, student, tokenizer,
+           storage_options, progress: bool, stop_after_steps, device: str, dev, rank: Rank, log) -> dict:
+    from tqdm.auto import tqdm
+
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     ckpt = os.path.join(out_dir, "last.safetensors")
     resuming = os.path.exists(ckpt)
+    barrier(rank)  # every rank has seen whether this is a resume before rank 0 can write a checkpoint
     train_utts = load_manifest(train_manifest) if isinstance(train_manifest, str) else list(train_manifest)
     tok_path = os.path.join(out_dir, "tokenizer.json")
     if resuming:
         tokenizer = load_tokenizer(tok_path)
     elif tokenizer is None:
         tokenizer = CharTokenizer.build([u.text or "" for u in train_utts])
-    if not resuming:
+    if not resuming and rank.is_main:
         tokenizer.save(tok_path)
     ds = KDDataset(train_utts, tokenizer, labels=labels if cfg.kd != "none" else None,
                    storage_options=storage_options, feature_cache={} if cfg.cache_features else None)
@@ -106,13 +208,13 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
     if cfg.kd in ("l1", "l2") and ds.kind != "float":
         raise TrainingError(f"--kd {cfg.kd} needs a float-label store, {labels} is a {ds.kind} store")
     cfg_path = os.path.join(out_dir, "config.json")
+    session = {"device": device, "world_size": rank.world_size,
+               "backend": ("nccl" if dev.type == "cuda" else "gloo") if rank.distributed else None}
     if resuming:
         with open(cfg_path) as f:
             saved = json.load(f)
         student_cfg = saved["student"]
-        if saved["train"] != cfg.to_dict():
-            raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
-                             f"saved: {saved['train']}")
+        _check_resume(saved, cfg, rank.world_size, out_dir)
     else:
         student_cfg = dict(student or {})
         student_cfg.update(vocab_size=tokenizer.vocab_size, kd_type=cfg.kd)
@@ -122,78 +224,128 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
                 student_cfg.update(num_codebooks=ds.label_width, codebook_size=ds.codebook_size)
             else:
                 student_cfg.update(teacher_dim=ds.label_width)
-        with open(cfg_path, "w") as f:
-            json.dump({"student": student_cfg, "train": cfg.to_dict(), "labels": labels,
-                       "train_manifest": train_manifest if isinstance(train_manifest, str) else None}, f, indent=1)
+        saved = {"student": student_cfg, "train": cfg.to_dict(), "labels": labels,
+                 "train_manifest": train_manifest if isinstance(train_manifest, str) else None,
+                 "runtime": {"world_size": rank.world_size, "sessions": []}}
     torch.manual_seed(cfg.seed)
-    model = build_model(student_cfg)
+    model = build_model(student_cfg).to(dev)
+    if rank.rank:  # same initial weights on every rank, its own dropout masks (rank 0 keeps the seed's stream)
+        torch.manual_seed(cfg.seed + rank.rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-3)
     sampler = ShardBucketSampler(ds.durations(), ds.shard_of(), max_seconds=cfg.max_seconds, shuffle=True,
                                  seed=cfg.seed)
-    total_steps = cfg.epochs * len(sampler)
-    epoch, batch_in_epoch, step = 0, 0, 0
+    W, A = rank.world_size, cfg.accum_grad
+    per_epoch = updates_per_epoch(len(sampler), W, A)
+    if per_epoch == 0:
+        raise TrainingError(f"an epoch has {len(sampler)} batch(es), fewer than one update takes ({W} process(es) "
+                            f"x --accum-grad {A}); lower --accum-grad / --world-size or --max-seconds")
+    total_steps = cfg.epochs * per_epoch
+    epoch, update_in_epoch, step = 0, 0, 0
+    scaler = devices.grad_scaler(cfg.dtype, dev)
     if resuming:
-        meta = load_checkpoint(ckpt, model, opt)
-        epoch, batch_in_epoch, step = meta["epoch"], meta["batch_in_epoch"], meta["step"]
+        meta = load_checkpoint(ckpt, model, opt, rank=rank.rank)
+        epoch, step = meta["epoch"], meta["step"]
+        if meta.get("grad_scaler"):  # float16's loss scale continues where it was
+            scaler.load_state_dict(meta["grad_scaler"])
+        update_in_epoch = meta.get("update_in_epoch", meta.get("batch_in_epoch", 0))
         log(f"resuming {out_dir} at epoch {epoch}, step {step}")
+    if rank.is_main:
+        saved.setdefault("runtime", {"world_size": 1}).setdefault("sessions", []).append({**session, "step": step})
+        with open(cfg_path, "w") as f:
+            json.dump(saved, f, indent=1)
     log_path = os.path.join(out_dir, "log.jsonl")
-    if not resuming and os.path.exists(log_path):
+    if not resuming and rank.is_main and os.path.exists(log_path):
         os.remove(log_path)
     dev_utts = (load_manifest(dev_manifest) if isinstance(dev_manifest, str) else list(dev_manifest)) \
         if dev_manifest is not None else None
     dev_cache: dict = {}
+    net = _LossOf(model)
+    if rank.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      find_unused_parameters=model.kd_head is not None and not cfg.kd_scale)
     t_start = time.perf_counter()
     summary: dict = {}
 
-    def checkpoint(ep, bie):
-        save_checkpoint(ckpt, model, opt, {"epoch": ep, "batch_in_epoch": bie, "step": step})
+    def checkpoint(ep, uie):
+        states = _rng_states(rank, dev)
+        if rank.is_main:
+            save_checkpoint(ckpt, model, opt, {"epoch": ep, "update_in_epoch": uie, "step": step,
+                                               "grad_scaler": scaler.state_dict() or None}, rng_states=states)
+        barrier(rank)
 
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch)
-        loader = make_loader(ds, _SkipFirst(sampler, batch_in_epoch), num_workers=cfg.num_workers,
-                             seed=cfg.seed * 1000 + epoch)
+        mine = RankBatches(sampler, rank=rank.rank, world_size=W, accum=A, skip_updates=update_in_epoch)
+        loader = make_loader(ds, mine, num_workers=cfg.num_workers, seed=cfg.seed * 1000 + epoch)
         model.train()
-        bar = tqdm(loader, total=len(sampler), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=per_epoch, initial=update_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, dynamic_ncols=True)
-        for batch in bar:
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, total_steps, peak=cfg.lr, warmup=cfg.warmup_steps,
-                                           final_ratio=cfg.final_lr_ratio)
-            total, parts = model.compute_loss(batch, kd_scale=cfg.kd_scale)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
+        micro = 0
+        for batch in loader:
+            if micro == 0:
+                for g in opt.param_groups:
+                    g["lr"] = warmup_cosine_lr(step, total_steps, peak=cfg.lr, warmup=cfg.warmup_steps,
+                                               final_ratio=cfg.final_lr_ratio)
+                opt.zero_grad(set_to_none=True)
+                # over the update, all ranks: loss, transducer, kd, encoder frames, utterances, feature frames
+                sums = torch.zeros(6, dtype=torch.float64)
+            batch = _to_device(batch, dev)
+            micro += 1
+            # accumulation micro-steps keep their gradients local; the update's last one all-reduces them
+            sync = contextlib.nullcontext() if micro == A or not rank.distributed else net.no_sync()
+            with sync:
+                with devices.autocast(cfg.dtype, dev):
+                    total, parts = net(batch, cfg.kd_scale)
+                scaler.scale(total / A if A > 1 else total).backward()
+            sums += torch.tensor([parts["total"], parts["transducer"], parts.get("kd", 0.0), parts["frames"],
+                                  len(batch["ids"]), float(batch["feat_lens"].sum())], dtype=torch.float64)
+            if micro < A:
+                continue
+            micro = 0
+            scaler.unscale_(opt)
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
-            batch_in_epoch += 1
-            rec = {"step": step, "epoch": epoch + batch_in_epoch / len(sampler), "loss": float(total.detach()),
-                   "loss_transducer": parts["transducer"], "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
-                   "frames": parts["frames"], "time": time.perf_counter() - t_start}
+            update_in_epoch += 1
+            if rank.distributed:
+                reduced = sums.to(dev)
+                torch.distributed.all_reduce(reduced)
+                sums = reduced.cpu()
+            n = W * A
+            rec = {"step": step, "epoch": epoch + update_in_epoch / per_epoch, "loss": float(sums[0]) / n,
+                   "loss_transducer": float(sums[1]) / n, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                   "frames": int(sums[3]), "utterances": int(sums[4]),
+                   "audio_seconds": round(float(sums[5]) * FRAME_SHIFT_MS / 1000, 2), "time": time.perf_counter() - t_start}
             if "kd" in parts:
-                rec["loss_kd"] = parts["kd"]
+                rec["loss_kd"] = float(sums[2]) / n
+            bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "loss_transducer", "loss_kd") if k in rec})
-            if step % cfg.log_every == 0 or batch_in_epoch == len(sampler):
+            if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch):
                 _append(log_path, rec)
             summary.update(rec)
             if stop_after_steps is not None and step >= stop_after_steps:
-                checkpoint(epoch, batch_in_epoch)
+                checkpoint(epoch, update_in_epoch)
                 return {**summary, "stopped_early": True}
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch_in_epoch)
+                checkpoint(epoch, update_in_epoch)
         bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        if dev_utts is not None:
+        epoch, update_in_epoch = epoch + 1, 0
+        if dev_utts is not None and rank.is_main:
             res = evaluate_model(model, tokenizer, dev_utts, feature_cache=dev_cache,
-                                 storage_options=storage_options, max_seconds=cfg.max_seconds)
+                                 storage_options=storage_options, max_seconds=cfg.max_seconds, dtype=cfg.dtype)
             _append(log_path, {"step": step, "epoch": epoch, "dev_wer": res["wer"], "dev_errors": res["errors"],
                                "dev_words": res["words"]})
             log(f"epoch {epoch}: dev WER {100 * res['wer']:.2f}% ({res['errors']}/{res['words']})")
             summary["dev_wer"] = res["wer"]
-        checkpoint(epoch, 0)
-    try:
-        plot_curves({os.path.basename(os.path.normpath(out_dir)): log_path}, os.path.join(out_dir, "curves.png"))
-    except ImportError:
-        pass
+        checkpoint(epoch, 0)  # its barrier also holds the other ranks while rank 0 scores the dev set
+    if rank.is_main:
+        try:
+            plot_curves({os.path.basename(os.path.normpath(out_dir)): log_path}, os.path.join(out_dir, "curves.png"))
+        except ImportError:
+            pass
     return summary
 
 
@@ -218,8 +370,8 @@ def load_student(run_dir: str):
 
 @torch.inference_mode()
 def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None, storage_options=None,
-                   max_seconds: float = 120.0, return_hyps: bool = False) -> dict:
-    """Greedy-decode `utts` and score WER against their texts."""
+                   max_seconds: float = 120.0, return_hyps: bool = False, dtype: str = "float32") -> dict:
+    """Greedy-decode `utts` and score WER against their texts (on the model's device, the forward in `dtype`)."""
     from distill.student.decode import cer, greedy_search, wer
 
     was_training = model.training
@@ -227,8 +379,10 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
     ds = KDDataset(utts, tokenizer, storage_options=storage_options, feature_cache=feature_cache)
     sampler = ShardBucketSampler(ds.durations(), None, max_seconds=max_seconds, shuffle=False)
     refs, hyps, ids = [], [], []
+    dev = next(model.parameters()).device
     for batch in make_loader(ds, sampler):
-        out = greedy_search(model, batch["feats"], batch["feat_lens"])
+        with devices.autocast(dtype, dev):
+            out = greedy_search(model, batch["feats"].to(dev), batch["feat_lens"].to(dev))
         hyps += [tokenizer.decode(h) for h in out]
         refs += [normalize_text(t) for t in batch["texts"]]
         ids += batch["ids"]
@@ -241,10 +395,19 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
     return res
 
 
-def evaluate(run_dir: str, manifest, *, storage_options=None, max_seconds: float = 120.0) -> dict:
+def evaluate(run_dir: str, manifest, *, storage_options=None, max_seconds: float = 120.0, device: str = "cpu",
+             dtype: str = "float32") -> dict:
+    """WER of the run's last checkpoint on `manifest`, computed on `device` (whatever device trained it)."""
+    try:
+        devices.check_device(device)
+        devices.check_dtype(dtype, device)
+    except devices.DeviceError as e:
+        raise TrainingError(str(e)) from None
     model, tokenizer = load_student(run_dir)
+    model.to(devices.torch_device(device))
     utts = load_manifest(manifest) if isinstance(manifest, str) else list(manifest)
-    return evaluate_model(model, tokenizer, utts, storage_options=storage_options, max_seconds=max_seconds)
+    return evaluate_model(model, tokenizer, utts, storage_options=storage_options, max_seconds=max_seconds,
+                          dtype=dtype)
 
 
 def read_log(path: str) -> list[dict]:

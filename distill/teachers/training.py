@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from ci_store.fsio import write_file
+from distill import devices
 from distill.config import JSONConfig
 from distill.data.audio import probe_missing, read_audio
 from distill.data.manifest import Utterance, load_manifest
@@ -76,6 +77,9 @@ class TeacherTrainConfig(JSONConfig):
     dev_max_utterances: int | None = None  # score only the first N dev utterances (id order)
     sample_rate: int = 16000
     num_mels: int = 80
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16 | float16 (loss-scaled)
+    accum_grad: int = 1  # batches per optimizer update; max_steps, warmup and the lr schedule count updates
 
     def __post_init__(self):
         checks = [(self.epochs >= 1, "epochs must be >= 1"),
@@ -84,10 +88,16 @@ class TeacherTrainConfig(JSONConfig):
                   (self.grad_clip > 0, "grad_clip must be > 0"), (self.num_threads >= 1, "num_threads must be >= 1"),
                   (self.num_workers >= 0, "num_workers must be >= 0"),
                   (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-                  (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")]
+                  (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+                  (isinstance(self.accum_grad, int) and self.accum_grad >= 1, "accum_grad must be an integer >= 1"),
+                  (self.dtype in devices.DTYPES, f"dtype must be one of {', '.join(devices.DTYPES)}")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"TeacherTrainConfig: {msg}")
+        try:
+            devices.parse_device(self.device)
+        except devices.DeviceError as e:
+            raise ValueError(f"TeacherTrainConfig: {e}") from None
 
     def model_config(self, vocab_size: int) -> NativeTeacherConfig:
         return NativeTeacherConfig(sample_rate=self.sample_rate, num_mels=self.num_mels, d_model=self.d_model,
@@ -290,7 +300,7 @@ class _SpecAugment:
     def _hook(self, module, args, output):
         if not module.training or self.mask is None:
             return None
-        m, self.mask = self.mask, None
+        m, self.mask = self.mask.to(device=output.device, dtype=output.dtype), None
         t = output.shape[1]
         if m.shape[1] < t:  # features a frame or two longer than the sample count implies: leave those unmasked
             m = torch.cat([m, m.new_ones((m.shape[0], t - m.shape[1], m.shape[2]))], 1)
@@ -321,9 +331,11 @@ def greedy_ctc_decode(logits: torch.Tensor, lengths: torch.Tensor, tokenizer) ->
 
 @torch.no_grad()
 def evaluate_ctc(model: NativeTeacherModel, tokenizer, utts, *, max_seconds_per_batch: float = 60.0,
-                 num_workers: int = 0, cache: _Audio | None = None, progress: bool = False) -> dict:
+                 num_workers: int = 0, cache: _Audio | None = None, progress: bool = False,
+                 dtype: str = "float32") -> dict:
     """Greedy-CTC scores of `model` on utterances (a manifest path or list): loss per token, CER and WER (jiwer,
-    on normalised text) and a few (ref, hyp) examples. Restores the model's training mode afterwards."""
+    on normalised text) and a few (ref, hyp) examples, computed on the model's device with the forward in
+    `dtype`. Restores the model's training mode afterwards."""
     import jiwer
 
     cfg = TeacherTrainConfig(sample_rate=model.config.sample_rate, num_mels=model.config.num_mels)
@@ -338,8 +350,10 @@ def evaluate_ctc(model: NativeTeacherModel, tokenizer, utts, *, max_seconds_per_
     hyps: dict[int, str] = {}
     loss_sum, tokens = 0.0, 0
     try:
+        dev = next(model.parameters()).device
         for x, lens, tg, tl, idx in _iterate(cache, items, batches, num_workers):
-            loss, out = _ctc_loss(model, x, lens, tg, tl)
+            with devices.autocast(dtype, dev):
+                loss, out = _ctc_loss(model, *(t.to(dev) for t in (x, lens, tg, tl)))
             loss_sum += float(loss.detach())
             tokens += int(tl.sum())
             for i, h in zip(idx, greedy_ctc_decode(out.logits, out.frame_lengths, tokenizer)):
@@ -368,6 +382,12 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
     Raises TeacherDataError/ManifestError naming the file or utterances for unusable data.
     """
     cfg = config or TeacherTrainConfig()
+    try:
+        devices.check_device(cfg.device)
+        devices.check_dtype(cfg.dtype, cfg.device)
+    except devices.DeviceError as e:
+        raise TeacherDataError(str(e)) from None
+    target = devices.torch_device(cfg.device)
     t_start = time.time()
     torch.set_num_threads(cfg.num_threads)
     say = echo or _default_echo
@@ -405,7 +425,11 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
     max_samples = int(cfg.max_seconds_per_batch * cfg.sample_rate)
     lengths = [it.num_samples for it in items]
     plan = [bucket_batches(lengths, max_samples, rng, cfg.num_buckets) for _ in range(cfg.epochs)]
-    total = sum(len(p) for p in plan)
+    A = cfg.accum_grad  # an epoch's batches that do not fill a last update are left out
+    total = sum(len(p) // A for p in plan)
+    if total == 0:
+        raise TeacherDataError(f"train: an epoch has {len(plan[0])} batch(es), fewer than one update of "
+                               f"accum_grad={A}; lower --accum-grad or --max-seconds-per-batch")
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, min(1000, total // 10))
@@ -424,6 +448,8 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
     audio = _Audio(items, cfg.sample_rate, cfg.cache_audio, cfg.num_workers, progress, "train")
     dev_audio = (_Audio(dev_items, cfg.sample_rate, cfg.cache_audio, cfg.num_workers, progress, "dev")
                  if dev_items else None)
+    model.to(target)
+    scaler = devices.grad_scaler(cfg.dtype, target)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
                             weight_decay=cfg.weight_decay, fused=True)  # fused: one kernel, not ~100 small ones
     aug = _SpecAugment(model, cfg, np.random.default_rng([cfg.seed, 2])) if cfg.spec_augment else None
@@ -439,30 +465,44 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
                 break
             t_ep = time.time()
             loss_sum = tok_sum = audio_sum = 0.0
-            batches = plan[epoch - 1][:total - step]
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
+            updates = min(len(plan[epoch - 1]) // A, total - step)
+            batches = plan[epoch - 1][:updates * A]
+            bar = tqdm(total=updates, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
                        dynamic_ncols=True)
+            micro = 0
             for x, lens, tg, tl, _ in _iterate(audio, items, batches, cfg.num_workers):
-                lr = warmup_cosine_lr(step, total, peak=cfg.lr, warmup=warmup, final_ratio=cfg.min_lr_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                if micro == 0:
+                    lr = warmup_cosine_lr(step, total, peak=cfg.lr, warmup=warmup, final_ratio=cfg.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    opt.zero_grad(set_to_none=True)
+                    upd_loss = upd_utts = upd_secs = 0.0
                 if aug:
                     aug.draw(lens)
-                loss, _ = _ctc_loss(model, x, lens, tg, tl)
+                with devices.autocast(cfg.dtype, target):
+                    loss, _ = _ctc_loss(model, *(t.to(target, non_blocking=True) for t in (x, lens, tg, tl)))
                 ntok = int(tl.sum())
-                opt.zero_grad(set_to_none=True)
-                (loss / ntok).backward()
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                if math.isfinite(gnorm):
-                    opt.step()
-                step += 1
+                scaler.scale(loss / ntok / A if A > 1 else loss / ntok).backward()  # each batch's mean / A
+                micro += 1
                 secs = float(lens.sum()) / cfg.sample_rate
                 loss_sum += float(loss.detach())
                 tok_sum += ntok
                 audio_sum += secs
+                upd_loss += float(loss.detach()) / ntok / A
+                upd_utts += len(lens)
+                upd_secs += secs
+                if micro < A:
+                    continue
+                micro = 0
+                scaler.unscale_(opt)
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if math.isfinite(gnorm) or scaler.is_enabled():  # the scaler skips (and shrinks) on inf itself
+                    scaler.step(opt)
+                    scaler.update()
+                step += 1
                 rate = audio_sum / max(time.time() - t_ep, 1e-9)
-                record({"type": "step", "epoch": epoch, "step": step, "loss": float(loss.detach()) / ntok, "lr": lr,
-                        "grad_norm": gnorm, "utterances": len(lens), "audio_seconds": round(secs, 3),
+                record({"type": "step", "epoch": epoch, "step": step, "loss": upd_loss, "lr": lr,
+                        "grad_norm": gnorm, "utterances": int(upd_utts), "audio_seconds": round(upd_secs, 3),
                         "elapsed": round(time.time() - t_start, 3)})
                 bar.set_postfix(loss=f"{loss_sum / tok_sum:.3f}", lr=f"{lr:.2e}", rtf=f"{rate:.1f}x")
                 bar.update(1)
@@ -477,7 +517,7 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
             if dev_audio is not None:
                 t_dev = time.time()
                 ev = evaluate_ctc(model, tok, None, max_seconds_per_batch=cfg.max_seconds_per_batch,
-                                  num_workers=cfg.num_workers, cache=dev_audio)
+                                  num_workers=cfg.num_workers, cache=dev_audio, dtype=cfg.dtype)
                 entry.update(dev_loss=ev["loss"], dev_cer=ev["cer"], dev_wer=ev["wer"],
                              dev_wall_seconds=round(time.time() - t_dev, 2))
                 msg += (f"; dev loss {ev['loss']:.3f} CER {100 * ev['cer']:.2f}% WER {100 * ev['wer']:.2f}%"
@@ -490,7 +530,7 @@ def train_teacher(train, out: str, config: TeacherTrainConfig | None = None, *, 
             aug.remove()
         if log:
             log.close()
-    model.eval()
+    model.to("cpu").eval()  # callers get the model where every checkpoint reader expects it
     wall = time.time() - t_start
     layer = suggested_layer(cfg.num_layers)
     summary = {"checkpoint": out, "checkpoint_sha256": sha, "tokenizer": tokenizer_path(out),
