@@ -17,8 +17,9 @@ import torch
 from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
 from distill.data.dataset import KDDataset
+from distill.data.feature_cache import FeatureCache
 from distill.data.loader import make_loader
-from distill.data.sampler import ShardBucketSampler
+from distill.data.sampler import ShardBucketSampler, make_train_sampler
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
 from distill.schedule import warmup_cosine_lr
@@ -44,22 +45,16 @@ class TrainConfig(JSONConfig):
     threads: int = 2
     log_every: int = 10
     checkpoint_every: int = 200  # steps; also at every epoch end
-    cache_features: bool = True
+    feature_cache_mb: int = 0  # LRU fbank cache per loader process (0: off); see distill/data/feature_cache.py
 
 
-class _SkipFirst(torch.utils.data.Sampler):
-    """A batch sampler that skips the batches an interrupted epoch already trained on."""
+# settings that cannot change a run's result: a resumed run may differ in them ("cache_features": before
+# feature_cache_mb, run directories saved an unbounded on/off cache)
+_RESULT_NEUTRAL = ("feature_cache_mb", "cache_features")
 
-    def __init__(self, inner: ShardBucketSampler, skip: int):
-        self.inner, self.skip = inner, skip
 
-    def __iter__(self):
-        for i, b in enumerate(self.inner):
-            if i >= self.skip:
-                yield b
-
-    def __len__(self):
-        return max(0, len(self.inner) - self.skip)
+def _result_settings(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in _RESULT_NEUTRAL}
 
 
 def build_model(student_cfg: dict):
@@ -97,7 +92,7 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
     if not resuming:
         tokenizer.save(tok_path)
     ds = KDDataset(train_utts, tokenizer, labels=labels if cfg.kd != "none" else None,
-                   storage_options=storage_options, feature_cache={} if cfg.cache_features else None)
+                   storage_options=storage_options, feature_cache=FeatureCache.from_mb(cfg.feature_cache_mb))
     if ds.dropped:
         log(f"skipping {len(ds.dropped)} utterance(s) whose labels failed extraction: "
             f"{sorted(ds.dropped)[:5]}")
@@ -110,7 +105,7 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
         with open(cfg_path) as f:
             saved = json.load(f)
         student_cfg = saved["student"]
-        if saved["train"] != cfg.to_dict():
+        if _result_settings(saved["train"]) != _result_settings(cfg.to_dict()):
             raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
                              f"saved: {saved['train']}")
     else:
@@ -128,9 +123,8 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
     torch.manual_seed(cfg.seed)
     model = build_model(student_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-3)
-    sampler = ShardBucketSampler(ds.durations(), ds.shard_of(), max_seconds=cfg.max_seconds, shuffle=True,
-                                 seed=cfg.seed)
-    total_steps = cfg.epochs * len(sampler)
+    sampler = make_train_sampler(ds, max_seconds=cfg.max_seconds, seed=cfg.seed)
+    total_steps = sum(len(sampler.epoch_batches(e)) for e in range(cfg.epochs))  # batch counts vary by epoch
     epoch, batch_in_epoch, step = 0, 0, 0
     if resuming:
         meta = load_checkpoint(ckpt, model, opt)
@@ -144,14 +138,13 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
     dev_cache: dict = {}
     t_start = time.perf_counter()
     summary: dict = {}
+    loader = make_loader(ds, sampler, num_workers=cfg.num_workers, seed=cfg.seed)
 
     def checkpoint(ep, bie):
         save_checkpoint(ckpt, model, opt, {"epoch": ep, "batch_in_epoch": bie, "step": step})
 
     while epoch < cfg.epochs:
-        sampler.set_epoch(epoch)
-        loader = make_loader(ds, _SkipFirst(sampler, batch_in_epoch), num_workers=cfg.num_workers,
-                             seed=cfg.seed * 1000 + epoch)
+        sampler.set_epoch(epoch, skip=batch_in_epoch)  # the loader's (persistent) workers serve every epoch
         model.train()
         bar = tqdm(loader, total=len(sampler), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, dynamic_ncols=True)
