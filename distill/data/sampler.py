@@ -88,15 +88,16 @@ class ShardMixSampler(Sampler):
     DataLoader reads few label-store shards at a time.
 
     Shards are filled in manifest order, so on a corpus sorted by speaker (LibriSpeech) one shard holds a handful of
-    speakers: batching inside one shard (`ShardBucketSampler`) gives one to three speakers per batch, and the same
-    batches every epoch. Here, every epoch (a generator seeded with (seed, epoch)) the shards are shuffled and taken
-    `shards_per_window` at a time; a window's utterances are pooled, sorted by duration times a random factor in
-    1 +- `duration_jitter` (fine duration buckets whose edges move every epoch) and cut in that order into batches
-    whose padded size (count x longest) stays within `max_seconds`; the window's batches are shuffled and the
-    windows follow each other. So a batch spans at most `shards_per_window` shards, consecutive batches share their
-    window (all DataLoader workers read the same few shards at a time, each batch with one `CIStore.get_many`),
-    and the batches themselves are drawn anew each epoch. The idea is lhotse's DynamicBucketingSampler over
-    shuffled shards, with one window as its buffer.
+    speakers: batching inside one shard (`ShardBucketSampler`) caps a batch's speakers at those of its shard, and
+    the same batches recur every epoch. Here, every epoch (a generator seeded with (seed, epoch)) the shards are
+    shuffled and taken `shards_per_window` at a time; a window's utterances are pooled, sorted by duration times a
+    random factor in 1 +- `duration_jitter` (fine duration buckets whose edges move every epoch; +-2% pads about as
+    little as plain sorting, see bench/loader_throughput.py --samplers) and cut in that order into batches whose
+    padded size (count x longest) stays within `max_seconds`; the window's batches are shuffled and the windows
+    follow each other. So a batch spans at most `shards_per_window` shards, consecutive batches share their window
+    (all DataLoader workers read the same few shards at a time, each batch with one `CIStore.get_many`), and the
+    batches themselves are drawn anew each epoch. The idea is lhotse's DynamicBucketingSampler over shuffled
+    shards, with one window as its buffer.
 
     `shards=None` (no label store) pools everything into one window. `epoch_batches(epoch)` is the epoch's whole,
     reproducible batch list (a distributed wrapper takes every world_size-th one); `set_epoch(epoch, skip)` picks the
@@ -106,7 +107,7 @@ class ShardMixSampler(Sampler):
     """
 
     def __init__(self, durations, shards=None, *, max_seconds: float = 60.0, shards_per_window: int = 4,
-                 duration_jitter: float = 0.1, seed: int = 0):
+                 duration_jitter: float = 0.02, seed: int = 0):
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
         if shards_per_window < 1:
