@@ -306,3 +306,25 @@ def test_train_student_feature_cache_option(tiny_corpus, tmp_path):
     assert json.load(open(out / "config.json"))["train"]["feature_cache_mb"] == 8
     r = CliRunner().invoke(main, args + ["--feature-cache-mb", "-1"])
     assert r.exit_code == 2 and "--feature-cache-mb" in r.output
+
+
+def test_float_label_stats_cover_the_first_utterances_up_to_max_frames(tmp_path):
+    """Stats come from batched reads (get_many per 64 ids) but cover exactly the utterances in id order up to the
+    one that reaches max_frames."""
+    from distill.data.dataset import float_label_stats
+
+    rng = np.random.default_rng(0)
+    labels = {f"u{i:03d}": (rng.standard_normal((int(rng.integers(5, 60)), DIM)) * np.arange(1, DIM + 1)
+                            ).astype(np.float32) for i in range(150)}
+    plan = plan_shards([(u, a.shape[0]) for u, a in sorted(labels.items())], 1024)
+    st = create(str(tmp_path / "f32"), plan, kind="float", dim=DIM, dtype="float32", frame_rate=50.0)
+    for sh in plan.shards:
+        st.write_shard(sh.index, {u: labels[u] for u in sh.utt_ids})
+    ids = sorted(labels)
+    for max_frames in (10, 2000, 10 ** 6):
+        counts = np.cumsum([labels[u].shape[0] for u in ids])
+        used = ids[: int(np.searchsorted(counts, max_frames)) + 1]
+        x = np.concatenate([labels[u] for u in used]).astype(np.float64)
+        mean, std = float_label_stats(open_store(str(tmp_path / "f32")), list(reversed(ids)), max_frames)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std, x.std(0), rtol=1e-4)

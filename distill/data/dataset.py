@@ -158,11 +158,15 @@ def float_label_stats(store, ids: list[str], max_frames: int = 200_000) -> tuple
     differ by orders of magnitude, which would make l1/l2 losses (and their kd_scale) arbitrary.
     """
     total, s1, s2 = 0, None, None
-    for uid in sorted(ids):
-        x = store[uid].astype(np.float64)
-        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
-        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
-        total += x.shape[0]
+    order = sorted(ids)
+    for at in range(0, len(order), 64):  # one get_many per 64 utterances (reads grouped per shard)
+        for raw in store.get_many(order[at:at + 64]):
+            x = raw.astype(np.float64)
+            s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+            s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+            total += x.shape[0]
+            if total >= max_frames:
+                break
         if total >= max_frames:
             break
     mean = s1 / total
