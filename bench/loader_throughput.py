@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loader_throughput.py                     # defaults: ~4-5 min on 2 CPU cores
     .venv/bin/python bench/loader_throughput.py --utterances 500 --case-seconds 5 --json /tmp/l.json
+    .venv/bin/python bench/loader_throughput.py --samplers           # only the sampler comparison (issue 17)
 
 Data: a CI store of --utterances synthetic utterances (uniform 2-15 s) plus the utterances of a small real
 espeak-ng corpus (distill.synth.corpus.make_corpus), 16 codebooks x 256, 50 Hz, random (incompressible) codes, frame
@@ -23,6 +24,16 @@ DataLoader workers, i.e. the rate of one core):
                 torch threads = TrainConfig().threads; label frames consumed per second of step time.
 Every case runs one pass (epoch) or until --case-seconds, after a first batch that is timed separately (store
 opening, first requests). Ratios are loader rate / training rate; goal >= 20x.
+
+--samplers (issue 17) runs only this: the training batch sampler before and after, on a CI store whose shards were
+filled in manifest order of a corpus sorted by speaker like LibriSpeech (--mix-speakers speakers x
+--mix-utts-per-speaker utterances, ids speaker-chapter-utterance, durations ~ N(12.3 s, 3.5 s) clipped to 1-35 s,
+--mix-shard-frames frames per shard: about ten speakers per shard, as 1<<20-frame shards hold of LibriSpeech at
+50 Hz). Samplers: ShardBucketSampler (shuffled, shard-grouped: what the trainer used) and ShardMixSampler (what it
+uses now). Per sampler: distinct speakers and shards per batch (mean), share of the padded batch seconds that is
+audio, share of epoch-0 batches that recur in epoch 1, byte ranges requested per batch and bytes read per label
+byte by one get_many per batch (shard indexes included), and the labels-only loader rate (label frames/s, one
+core) reading per utterance and with one get_many per batch, locally and (unless --no-s3) on loopback S3.
 """
 from __future__ import annotations
 
@@ -219,6 +230,162 @@ def training_rate(batches, student_cfg: dict, threads: int, budget_s: float, max
             "params": model.num_params(), "student_config": model.cfg.to_dict()}
 
 
+# ------------------------------------------------------------------------------------------- samplers (issue 17)
+def librispeech_like(speakers: int, per_speaker: int, seed: int):
+    """Utterances sorted by speaker, then chapter, then number (LibriSpeech's manifest order), with speaker ids."""
+    from distill.data.manifest import Utterance
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(speakers):
+        spk = 100 + 37 * s
+        for j in range(per_speaker):
+            chapter = 1000 + 7 * s + j // max(1, per_speaker // 2)
+            ns = int(np.clip(rng.normal(12.3, 3.5), 1.0, 35.0) * SR)
+            uid = f"{spk}-{chapter}-{j:04d}"
+            out.append(Utterance(id=uid, audio=f"/nonexistent/{uid}.flac", sample_rate=SR, num_samples=ns,
+                                 duration=ns / SR, text="", speaker=str(spk)))
+    return out
+
+
+def batch_stats(batches, durations, speakers, shards, other_epoch) -> dict:
+    same = {frozenset(b) for b in batches} & {frozenset(b) for b in other_epoch}
+    padded = sum(float(durations[b].max()) * len(b) for b in batches)
+    return {"batches": len(batches), "utterances_per_batch": float(np.mean([len(b) for b in batches])),
+            "speakers_per_batch": float(np.mean([len(set(speakers[b].tolist())) for b in batches])),
+            "shards_per_batch": float(np.mean([len(set(shards[b].tolist())) for b in batches])),
+            "max_shards_per_batch": int(max(len(set(shards[b].tolist())) for b in batches)),
+            "audio_share_of_padded": float(durations.sum() / padded),
+            "batches_recurring_next_epoch": len(same) / len(batches)}
+
+
+class _CountingObjects:
+    """The reader's object store, counting the byte ranges and bytes that get_many requests (no behaviour change)."""
+
+    def __init__(self, inner):
+        self.inner, self.ranges, self.nbytes = inner, 0, 0
+
+    def get_ranges(self, ranges):
+        out = self.inner.get_ranges(ranges)
+        self.ranges += len(ranges)
+        self.nbytes += sum(len(b) for b in out if b is not None)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def read_requests(url: str, utts, batches) -> dict:
+    """Byte-range requests and bytes one get_many per batch issues over an epoch (shard indexes included)."""
+    from ci_store import open_store
+
+    store = open_store(url)
+    reader = store._handle().reader
+    counter = reader.objects = _CountingObjects(reader.objects)
+    needed = 0
+    for b in batches:
+        needed += sum(a.nbytes for a in store.get_many([utts[i].id for i in b]))
+    return {"ranges_per_batch": counter.ranges / len(batches), "bytes_read_per_label_byte": counter.nbytes / needed}
+
+
+class _Epoch0(torch.utils.data.Sampler):
+    """A fixed list of batches (one epoch of a sampler), so every loader case reads the same batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter([list(b) for b in self.batches])
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def sampler_comparison(args) -> dict:
+    from distill.data.dataset import KDDataset, collate
+    from distill.data.sampler import ShardBucketSampler, ShardMixSampler
+    from distill.data.tokenizer import CharTokenizer
+
+    torch.set_num_threads(1)
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"# training batch samplers before/after issue 17  ({load_line()} at start)")
+    utts = librispeech_like(args.mix_speakers, args.mix_utts_per_speaker, args.seed)
+    url = os.path.join(args.workdir, "ci-librispeech-order.zarr")
+    if os.path.exists(url):
+        shutil.rmtree(url)
+    frames = [(u.id, teacher_frames(u.num_samples_at(SR))) for u in utts]
+    from ci_store import create, plan_shards
+
+    plan = plan_shards(frames, args.mix_shard_frames)
+
+    def write(u, so=None):
+        store = create(u, plan, kind="codes", num_codebooks=args.codebooks, codebook_size=256,
+                       frame_rate=FRAME_RATE, storage_options=so)
+        rng = np.random.default_rng(args.seed)
+        for sh in plan.shards:
+            store.write_shard(sh.index, {i: rng.integers(0, 256, (n, args.codebooks), dtype=np.uint8)
+                                         for i, n in zip(sh.utt_ids, sh.num_frames)})
+
+    write(url)
+    targets = {"local": (url, None)}
+    server = None
+    if not args.no_s3:
+        server, opts = start_moto()
+        write("s3://bench/ci-librispeech-order.zarr", opts)
+        targets["loopback S3"] = ("s3://bench/ci-librispeech-order.zarr", opts)
+    tok = CharTokenizer.build(["a"])
+    ds = KDDataset(utts, tok, labels=url)
+    durations, shards = ds.durations(), ds.shard_of()
+    speakers = np.array([int(u.speaker) for u in ds.utts])
+    hours = durations.sum() / 3600
+    print(f"corpus: {len(utts)} utterances, {args.mix_speakers} speakers x {args.mix_utts_per_speaker}, {hours:.1f} h; "
+          f"store: {plan.num_shards} shards of <= {args.mix_shard_frames:,} frames in manifest order "
+          f"({len(utts) / plan.num_shards / args.mix_utts_per_speaker:.1f} speakers per shard), "
+          f"{args.codebooks} codebooks; batches of {args.max_seconds:g} s; loader: num_workers=0, 1 thread")
+    samplers = {
+        "ShardBucketSampler (before)": ShardBucketSampler(durations, shards, max_seconds=args.max_seconds,
+                                                          shuffle=True, seed=args.seed),
+        f"ShardMixSampler G={args.shards_per_window} (after)": ShardMixSampler(
+            durations, shards, max_seconds=args.max_seconds, shards_per_window=args.shards_per_window,
+            seed=args.seed),
+    }
+    results = {}
+    for name, smp in samplers.items():
+        smp.set_epoch(0)
+        e0 = [list(b) for b in smp]
+        smp.set_epoch(1)
+        e1 = [list(b) for b in smp]
+        st = batch_stats(e0, durations, speakers, shards, e1)
+        st.update(read_requests(url, ds.utts, e0))
+        for where, (u, so) in targets.items():
+            lds = KDDataset(utts, tok, labels=u, storage_options=so)
+            for batched in (False, True):
+                dl = torch.utils.data.DataLoader(CodesLabelsOnly(lds, batched=batched), batch_sampler=_Epoch0(e0),
+                                                 collate_fn=collate, num_workers=0)
+                r = time_loader(dl, args.case_seconds)
+                st[f"{where}, {'get_many per batch' if batched else 'per utterance'}"] = r["label_frames_per_s"]
+        results[name] = st
+        print(f"  {name}: {st['speakers_per_batch']:.2f} speakers/batch, " + ", ".join(
+            f"{k}: {v:,.0f} label fr/s" for k, v in st.items() if k.startswith(tuple(targets))))
+    if server is not None:
+        server.stop()
+    read_cols = [k for k in next(iter(results.values())) if k.startswith(tuple(targets))]
+    rows = [[n, r["batches"], f"{r['utterances_per_batch']:.2f}", f"{r['speakers_per_batch']:.2f}",
+             f"{r['shards_per_batch']:.2f} (max {r['max_shards_per_batch']})", f"{r['audio_share_of_padded']:.3f}",
+             f"{r['batches_recurring_next_epoch']:.2f}", f"{r['ranges_per_batch']:.1f}",
+             f"{r['bytes_read_per_label_byte']:.2f}", *[r[c] for c in read_cols]] for n, r in results.items()]
+    print(table(["sampler", "batches", "utt/batch", "speakers/batch", "shards/batch", "audio/padded",
+                 "recurring", "ranges/batch", "read/needed B", *[f"label fr/s {c}" for c in read_cols]], rows))
+    print(f"\n{load_line()} at end")
+    out = {"config": {"utterances": len(utts), "speakers": args.mix_speakers, "hours": hours,
+                      "shards": plan.num_shards, "shard_frames": args.mix_shard_frames, "codebooks": args.codebooks,
+                      "max_seconds": args.max_seconds, "shards_per_window": args.shards_per_window,
+                      "case_budget_s": args.case_seconds},
+           "samplers": results, "machine_at_end": machine_state()}
+    write_json(args.json, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -240,7 +407,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default="/tmp/ci-store-bench/loader")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--samplers", action="store_true", help="only the sampler comparison (issue 17)")
+    ap.add_argument("--mix-speakers", type=int, default=200)
+    ap.add_argument("--mix-utts-per-speaker", type=int, default=20)
+    ap.add_argument("--mix-shard-frames", type=int, default=1 << 17)
+    ap.add_argument("--shards-per-window", type=int, default=4)
     args = ap.parse_args(argv)
+    if args.samplers:
+        return sampler_comparison(args)
 
     from distill.data.alignment import stack_factor
     from distill.data.dataset import FBANK_RATE, KDDataset

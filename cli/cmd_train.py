@@ -29,6 +29,9 @@ DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay fl
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--threads", default=2, show_default=True, help="torch threads for training.")
+@click.option("--feature-cache-mb", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Keep recently used fbank features in memory, up to this many MiB per loader process (each "
+                   "DataLoader worker holds its own); 0: recompute every epoch.")
 @click.option("--student", "student_json", default=None,
               help='Student architecture overrides as JSON, e.g. \'{"d_model": 144, "num_layers": 6}\'.')
 @click.option("--tokenizer", default=None, help="Tokenizer JSON (default: characters of the training texts).")
@@ -43,8 +46,8 @@ DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay fl
                    "Leave out under torchrun, which sets it.")
 @click.option("--no-progress", is_flag=True)
 def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
-                      warmup_steps, seed, num_workers, threads, student_json, tokenizer, bpe, storage_options,
-                      device, dtype, accum_grad, world_size, no_progress):
+                      warmup_steps, seed, num_workers, threads, feature_cache_mb, student_json, tokenizer, bpe,
+                      storage_options, device, dtype, accum_grad, world_size, no_progress):
     """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
     from distill.data.manifest import load_manifest
     from distill.data.tokenizer import BPETokenizer, load_tokenizer
@@ -55,8 +58,8 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
     if kd_scale is None:
         kd_scale = 0.1 if kd == "mvq" else 1.0
     cfg = TrainConfig(kd=kd, kd_scale=kd_scale, epochs=epochs, max_seconds=max_seconds, lr=lr,
-                      warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads, dtype=dtype,
-                      accum_grad=accum_grad)
+                      warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads,
+                      feature_cache_mb=feature_cache_mb, dtype=dtype, accum_grad=accum_grad)
     student = json_object(student_json, "--student")
     so = json_object(storage_options, "--storage-options") or None
     tok = None

@@ -10,7 +10,8 @@ from distill.data.alignment import IGNORE, AlignmentError
 from distill.data.audio import read_audio
 from distill.data.dataset import KDDataset, collate, student_frames
 from distill.data.loader import make_loader
-from distill.data.sampler import ShardBucketSampler
+from distill.data.feature_cache import FeatureCache
+from distill.data.sampler import ShardBucketSampler, make_train_sampler
 from distill.data.fbank import compute_fbank
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer
@@ -39,8 +40,8 @@ def _teacher_like_labels(utts):
     return codes, floats
 
 
-def _write(url, kind, labels, opts=None):
-    plan = plan_shards([(u, a.shape[0]) for u, a in sorted(labels.items())], 1024)
+def _write(url, kind, labels, opts=None, shard_frames=1024):
+    plan = plan_shards([(u, a.shape[0]) for u, a in sorted(labels.items())], shard_frames)
     kw = dict(num_codebooks=NCB, codebook_size=16) if kind == "codes" else dict(dim=DIM, dtype="float16")
     st = create(url, plan, kind=kind, frame_rate=50.0, storage_options=opts, **kw)
     for sh in plan.shards:
@@ -152,7 +153,7 @@ def test_loader_workers_over_s3(stores, s3_bucket, context):
 @pytest.mark.parametrize("kd,store", [("mvq", "codes"), ("l1", "float"), ("l2", "float")])
 def test_kd_training_learns_the_labels(stores, tiny_corpus, tmp_path, kd, store):
     run = tmp_path / kd
-    cfg = TrainConfig(kd=kd, kd_scale=1.0, epochs=12, max_seconds=20, lr=5e-3, warmup_steps=2, log_every=1,
+    cfg = TrainConfig(kd=kd, kd_scale=1.0, epochs=18, max_seconds=20, lr=5e-3, warmup_steps=2, log_every=1,
                       checkpoint_every=0, threads=1)
     train_student(tiny_corpus["train"], str(run), labels=stores[store], cfg=cfg, student=TINY, progress=False)
     recs = [json.loads(l) for l in open(run / "log.jsonl") if "loss_kd" in l]
@@ -190,3 +191,140 @@ def test_trainer_with_dataloader_workers_trains_the_same_model(stores, tiny_corp
     assert runs[2][0] == runs[0][0]
     for k, v in runs[0][1].items():
         assert torch.equal(v, runs[2][1][k]), k
+
+
+@pytest.mark.parametrize("store", ["codes", "float"])
+def test_batched_reads_give_the_same_examples(stores, store):
+    """__getitems__ (one get_many per batch, what the DataLoader calls) gives exactly __getitem__'s examples."""
+    utts = stores["utts"]
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=stores[store])
+    idx = [3, 0, len(ds) - 1, 1]
+    for one, many in zip([ds[i] for i in idx], ds.__getitems__(idx)):
+        assert one.id == many.id and one.tokens == many.tokens and one.text == many.text
+        np.testing.assert_array_equal(one.feats, many.feats)
+        np.testing.assert_array_equal(one.labels, many.labels)
+        np.testing.assert_array_equal(one.label_mask, many.label_mask)
+    no_kd = KDDataset(utts, CharTokenizer.build([u.text for u in utts]))
+    assert [e.labels for e in no_kd.__getitems__([0, 1])] == [None, None]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_persistent_loader_serves_each_epochs_mixed_batches(stores, tmp_path, workers):
+    """One loader (persistent spawned workers) over a store of many small shards: each epoch delivers exactly the
+    sampler's batches for that epoch, with the store's labels; a mid-epoch resume delivers the rest."""
+    url = _write(str(tmp_path / "small-shards"), "codes", stores["codes_data"], shard_frames=400)
+    utts = stores["utts"]
+    ds = KDDataset(utts, CharTokenizer.build([u.text for u in utts]), labels=url)
+    assert len(np.unique(ds.shard_of())) >= 3
+    sampler = make_train_sampler(ds, max_seconds=8, seed=0, shards_per_window=2)
+    loader = make_loader(ds, sampler, num_workers=workers)
+    local = open_store(url)
+    first_iterator = None
+    for epoch, skip in [(0, 0), (1, 0), (2, 2)]:
+        sampler.set_epoch(epoch, skip=skip)
+        it = iter(loader)
+        if workers and first_iterator is None:
+            first_iterator = it
+        assert it is first_iterator or not workers  # the same worker processes every epoch
+        got = [batch["ids"] for batch in it]
+        want = [[ds.utts[i].id for i in b] for b in sampler.epoch_batches(epoch)][skip:]
+        assert got == want
+    for uid in ds.utts[0].id, ds.utts[-1].id:
+        batch = next(b for b in make_loader(ds, ShardBucketSampler(ds.durations(), max_seconds=8, shuffle=False))
+                     if uid in b["ids"])
+        raw = local[uid]
+        row = batch["ids"].index(uid)
+        np.testing.assert_array_equal(batch["labels"][row].reshape(-1, NCB)[: raw.shape[0]].numpy(), raw)
+    assert sampler.epoch_batches(0) != sampler.epoch_batches(1)
+
+
+def test_feature_cache_keeps_its_byte_limit_least_recently_used_first():
+    a = {k: np.full((10, 8), i, np.float32) for i, k in enumerate("abcde")}  # 320 bytes each
+    cache = FeatureCache(1000)
+    for k in "abc":
+        cache[k] = a[k]
+    assert cache.nbytes == 960 and len(cache) == 3 and cache.evictions == 0
+    assert cache.get("a") is a["a"]  # a is now the most recently used
+    cache["d"] = a["d"]
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcde" if k in cache}
+    assert cache.nbytes <= 1000 and cache.evictions == 1
+    cache["big"] = np.zeros(1001, np.uint8)  # larger than the whole limit: not kept, nothing evicted for it
+    assert "big" not in cache and cache.evictions == 1
+    assert cache.get("b") is None and (cache.hits, cache.misses) == (1, 1)
+    assert FeatureCache.from_mb(0) is None and FeatureCache.from_mb(2).max_bytes == 2 << 20
+    with pytest.raises(ValueError, match=">= 0"):
+        FeatureCache.from_mb(-1)
+
+
+def test_cached_features_equal_fresh_ones_within_the_limit(stores):
+    import pickle
+
+    utts = stores["utts"]
+    tok = CharTokenizer.build([u.text for u in utts])
+    fresh = KDDataset(utts, tok)
+    sizes = [fresh[i].feats.nbytes for i in range(len(fresh))]
+    limit = sum(sorted(sizes)[-3:])  # room for about three utterances: the two passes below must evict
+    cache = FeatureCache(limit)
+    cached = KDDataset(utts, tok, feature_cache=cache)
+    for _ in range(2):
+        for i in range(len(cached)):
+            np.testing.assert_array_equal(cached[i].feats, fresh[i].feats)
+            assert cache.nbytes <= limit
+    assert cache.evictions > 0 and len(cache) >= 1
+    np.testing.assert_array_equal(cached[len(cached) - 1].feats, fresh[len(fresh) - 1].feats)
+    assert cache.hits >= 1  # the last utterance was still cached
+    # a dataset sent to a spawned worker carries the limit, not the parent's arrays
+    sent = pickle.loads(pickle.dumps(cached))
+    assert sent.feature_cache.max_bytes == limit and len(sent.feature_cache) == 0
+
+
+def test_old_run_directory_with_cache_features_resumes(tiny_corpus, tmp_path):
+    """Run directories saved before feature_cache_mb hold "cache_features"; the cache never changes results, so
+    they resume (and the cache size may change between resumes)."""
+    run = tmp_path / "old"
+    cfg = TrainConfig(epochs=1, max_seconds=20, warmup_steps=1, checkpoint_every=0, threads=1)
+    train_student(tiny_corpus["train"], str(run), cfg=cfg, student=TINY, progress=False, stop_after_steps=1)
+    saved = json.load(open(run / "config.json"))
+    del saved["train"]["feature_cache_mb"]
+    saved["train"]["cache_features"] = True
+    json.dump(saved, open(run / "config.json", "w"))
+    cfg.feature_cache_mb = 64
+    out = train_student(tiny_corpus["train"], str(run), cfg=cfg, student=TINY, progress=False)
+    assert out["step"] > 1 and "stopped_early" not in out
+
+
+def test_train_student_feature_cache_option(tiny_corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = tmp_path / "cli"
+    args = ["train-student", "--train", tiny_corpus["train"], "--kd", "none", "--out", str(out), "--epochs", "1",
+            "--max-seconds", "20", "--threads", "1", "--no-progress", "--student", json.dumps(TINY)]
+    r = CliRunner().invoke(main, args + ["--feature-cache-mb", "8"])
+    assert r.exit_code == 0, r.output
+    assert json.load(open(out / "config.json"))["train"]["feature_cache_mb"] == 8
+    r = CliRunner().invoke(main, args + ["--feature-cache-mb", "-1"])
+    assert r.exit_code == 2 and "--feature-cache-mb" in r.output
+
+
+def test_float_label_stats_cover_the_first_utterances_up_to_max_frames(tmp_path):
+    """Stats come from batched reads (get_many per 64 ids) but cover exactly the utterances in id order up to the
+    one that reaches max_frames."""
+    from distill.data.dataset import float_label_stats
+
+    rng = np.random.default_rng(0)
+    labels = {f"u{i:03d}": (rng.standard_normal((int(rng.integers(5, 60)), DIM)) * np.arange(1, DIM + 1)
+                            ).astype(np.float32) for i in range(150)}
+    plan = plan_shards([(u, a.shape[0]) for u, a in sorted(labels.items())], 1024)
+    st = create(str(tmp_path / "f32"), plan, kind="float", dim=DIM, dtype="float32", frame_rate=50.0)
+    for sh in plan.shards:
+        st.write_shard(sh.index, {u: labels[u] for u in sh.utt_ids})
+    ids = sorted(labels)
+    for max_frames in (10, 2000, 10 ** 6):
+        counts = np.cumsum([labels[u].shape[0] for u in ids])
+        used = ids[: int(np.searchsorted(counts, max_frames)) + 1]
+        x = np.concatenate([labels[u] for u in used]).astype(np.float64)
+        mean, std = float_label_stats(open_store(str(tmp_path / "f32")), list(reversed(ids)), max_frames)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std, x.std(0), rtol=1e-4)

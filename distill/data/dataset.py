@@ -49,11 +49,13 @@ class KDDataset(Dataset):
 
     `labels` is the URL of a CI store (kind "codes") or a float-label store (kind "float"); None for no-KD runs.
     Utterances whose extraction failed in the store are dropped up front (listed in `self.dropped`).
+    `feature_cache`: None, a `distill.data.feature_cache.FeatureCache` (bounded; training) or a dict (unbounded;
+    only for small sets such as a dev set evaluated in-process).
     """
 
     def __init__(self, manifest, tokenizer, *, labels: str | None = None, storage_options: dict | None = None,
                  subsampling: int = 4, sample_rate: int = 16000, num_mel_bins: int = 80,
-                 feature_cache: dict | None = None):
+                 feature_cache=None):
         self.utts: list[Utterance] = load_manifest(manifest) if isinstance(manifest, str) else list(manifest)
         self.tokenizer = tokenizer
         self.labels_url = labels
@@ -115,21 +117,33 @@ class KDDataset(Dataset):
         return np.array([self.store.shard_of(u.id) for u in self.utts], dtype=np.int64)
 
     def features(self, utt: Utterance) -> np.ndarray:
-        if self.feature_cache is not None and utt.id in self.feature_cache:
-            return self.feature_cache[utt.id]
+        cache = self.feature_cache
+        if cache is not None:
+            hit = cache.get(utt.id)
+            if hit is not None:
+                return hit
         wave = read_audio(utt, self.sample_rate, storage_options=self.storage_options)
         feats = compute_fbank(wave, self.sample_rate, self.num_mel_bins)
-        if self.feature_cache is not None:
-            self.feature_cache[utt.id] = feats
+        if cache is not None:
+            cache[utt.id] = feats
         return feats
 
     def __getitem__(self, i: int) -> Example:
         utt = self.utts[i]
+        return self._example(utt, self.store[utt.id] if self.labels_url is not None else None)
+
+    def __getitems__(self, indices) -> list[Example]:
+        """A batch's examples (torch's DataLoader calls this with a batch sampler's indices): the labels come from
+        one `get_many` (reads grouped per shard into few concurrent requests), the features per utterance."""
+        utts = [self.utts[i] for i in indices]
+        raws = self.store.get_many([u.id for u in utts]) if self.labels_url is not None else [None] * len(utts)
+        return [self._example(u, raw) for u, raw in zip(utts, raws)]
+
+    def _example(self, utt: Utterance, raw: np.ndarray | None) -> Example:
         feats = self.features(utt)
         tokens = self.tokenizer.encode(utt.text or "")
         labels = mask = None
-        if self.labels_url is not None:
-            raw = self.store[utt.id]
+        if raw is not None:
             if self.kind == "float":  # standardised per dim, so l1/l2 losses are on a comparable scale
                 raw = (raw.astype(np.float32) - self.label_mean) / self.label_std
             labels, mask = align_labels(raw, student_frames(feats.shape[0], self.subsampling), self.k,
@@ -144,11 +158,15 @@ def float_label_stats(store, ids: list[str], max_frames: int = 200_000) -> tuple
     differ by orders of magnitude, which would make l1/l2 losses (and their kd_scale) arbitrary.
     """
     total, s1, s2 = 0, None, None
-    for uid in sorted(ids):
-        x = store[uid].astype(np.float64)
-        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
-        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
-        total += x.shape[0]
+    order = sorted(ids)
+    for at in range(0, len(order), 64):  # one get_many per 64 utterances (reads grouped per shard)
+        for raw in store.get_many(order[at:at + 64]):
+            x = raw.astype(np.float64)
+            s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+            s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+            total += x.shape[0]
+            if total >= max_frames:
+                break
         if total >= max_frames:
             break
     mean = s1 / total

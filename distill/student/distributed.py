@@ -76,6 +76,11 @@ class RankBatches(torch.utils.data.Sampler):
     def __init__(self, inner, *, rank: int = 0, world_size: int = 1, accum: int = 1, skip_updates: int = 0):
         self.inner, self.rank, self.world_size, self.accum, self.skip = inner, rank, world_size, accum, skip_updates
 
+    def set_epoch(self, epoch: int, skip_updates: int = 0) -> None:
+        """Serve `epoch` of the inner sampler from update `skip_updates` (a resumed epoch skips what it trained)."""
+        self.inner.set_epoch(epoch)
+        self.skip = skip_updates
+
     def __iter__(self):
         batches = list(self.inner)
         W, A = self.world_size, self.accum

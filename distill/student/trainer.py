@@ -22,8 +22,9 @@ from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
 from distill.data.dataset import KDDataset
 from distill.data.fbank import FRAME_SHIFT_MS
+from distill.data.feature_cache import FeatureCache
 from distill.data.loader import make_loader
-from distill.data.sampler import ShardBucketSampler
+from distill.data.sampler import ShardBucketSampler, make_train_sampler
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
 from distill.student.distributed import (Rank, RankBatches, SpawnedRankError, barrier, current_rank,
@@ -51,9 +52,18 @@ class TrainConfig(JSONConfig):
     threads: int = 2
     log_every: int = 10
     checkpoint_every: int = 200  # steps; also at every epoch end
-    cache_features: bool = True
+    feature_cache_mb: int = 0  # LRU fbank cache per loader process (0: off); see distill/data/feature_cache.py
     dtype: str = "float32"  # autocast dtype of the forward: float32 | bfloat16 | float16 (loss-scaled)
     accum_grad: int = 1  # micro-batches per optimizer update (per process); the lr schedule counts updates
+
+
+# settings that cannot change a run's result: a resumed run may differ in them ("cache_features": before
+# feature_cache_mb, run directories saved an unbounded on/off cache)
+_RESULT_NEUTRAL = ("feature_cache_mb", "cache_features")
+
+
+def _result_settings(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in _RESULT_NEUTRAL}
 
 
 def build_model(student_cfg: dict):
@@ -146,7 +156,7 @@ def _check_resume(saved: dict, cfg: TrainConfig, world_size: int, out_dir: str) 
         raise TrainingError(f"--world-size {world_size}: the run in {out_dir} was trained by {saved_world} "
                             f"process(es) and must resume with as many (the processes split each update's "
                             f"batches); use a new --out directory to change it")
-    if train != cfg.to_dict():
+    if _result_settings(train) != _result_settings(cfg.to_dict()):
         raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
                             f"saved: {saved['train']}")
 
@@ -199,7 +209,7 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
     if not resuming and rank.is_main:
         tokenizer.save(tok_path)
     ds = KDDataset(train_utts, tokenizer, labels=labels if cfg.kd != "none" else None,
-                   storage_options=storage_options, feature_cache={} if cfg.cache_features else None)
+                   storage_options=storage_options, feature_cache=FeatureCache.from_mb(cfg.feature_cache_mb))
     if ds.dropped:
         log(f"skipping {len(ds.dropped)} utterance(s) whose labels failed extraction: "
             f"{sorted(ds.dropped)[:5]}")
@@ -232,14 +242,15 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
     if rank.rank:  # same initial weights on every rank, its own dropout masks (rank 0 keeps the seed's stream)
         torch.manual_seed(cfg.seed + rank.rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-3)
-    sampler = ShardBucketSampler(ds.durations(), ds.shard_of(), max_seconds=cfg.max_seconds, shuffle=True,
-                                 seed=cfg.seed)
+    sampler = make_train_sampler(ds, max_seconds=cfg.max_seconds, seed=cfg.seed)
     W, A = rank.world_size, cfg.accum_grad
-    per_epoch = updates_per_epoch(len(sampler), W, A)
-    if per_epoch == 0:
-        raise TrainingError(f"an epoch has {len(sampler)} batch(es), fewer than one update takes ({W} process(es) "
-                            f"x --accum-grad {A}); lower --accum-grad / --world-size or --max-seconds")
-    total_steps = cfg.epochs * per_epoch
+    # updates per epoch: the mixing sampler's batch count varies a little between epochs
+    epoch_updates = [updates_per_epoch(len(sampler.epoch_batches(e)), W, A) for e in range(cfg.epochs)]
+    if min(epoch_updates, default=1) == 0:
+        raise TrainingError(f"an epoch has {len(sampler.epoch_batches(0))} batch(es), fewer than one update takes "
+                            f"({W} process(es) x --accum-grad {A}); lower --accum-grad / --world-size or "
+                            f"--max-seconds")
+    total_steps = sum(epoch_updates)
     epoch, update_in_epoch, step = 0, 0, 0
     scaler = devices.grad_scaler(cfg.dtype, dev)
     if resuming:
@@ -267,6 +278,9 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                                       find_unused_parameters=model.kd_head is not None and not cfg.kd_scale)
     t_start = time.perf_counter()
     summary: dict = {}
+    # one loader for the run (persistent workers); each epoch re-points its batch sampler (set_epoch below)
+    mine = RankBatches(sampler, rank=rank.rank, world_size=W, accum=A)
+    loader = make_loader(ds, mine, num_workers=cfg.num_workers, seed=cfg.seed)
 
     def checkpoint(ep, uie):
         states = _rng_states(rank, dev)
@@ -276,9 +290,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
         barrier(rank)
 
     while epoch < cfg.epochs:
-        sampler.set_epoch(epoch)
-        mine = RankBatches(sampler, rank=rank.rank, world_size=W, accum=A, skip_updates=update_in_epoch)
-        loader = make_loader(ds, mine, num_workers=cfg.num_workers, seed=cfg.seed * 1000 + epoch)
+        per_epoch = epoch_updates[epoch]
+        mine.set_epoch(epoch, skip_updates=update_in_epoch)  # the loader's (persistent) workers serve every epoch
         model.train()
         bar = tqdm(total=per_epoch, initial=update_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, dynamic_ncols=True)
