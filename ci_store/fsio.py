@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from zarr.abc.store import RangeByteRequest
@@ -419,7 +420,7 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def _preadv_local(self, key: str, offset: int, buffers: list[memoryview]) -> int | None:
+    def _preadv_local(self, key: str, offset: int, buffers: list) -> int | None:
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -449,8 +450,9 @@ class ObjectStore:
         the object is missing."""
         if not self.local:
             raise StoreError(f"{self.url}: read_into is for local stores (remote stores use get_ranges)")
-        views = [memoryview(b).cast("B") for b in buffers]
-        return self._retry("read range", key, lambda: self._preadv_local(key, offset, list(views)))
+        views = [b if isinstance(b, np.ndarray) and b.dtype == np.uint8 and b.ndim == 1 and b.flags.c_contiguous
+                 else memoryview(b).cast("B") for b in buffers]
+        return self._retry("read range", key, lambda: self._preadv_local(key, offset, views))
 
     def get(self, key: str) -> bytes | None:
         if self.local:

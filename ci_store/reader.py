@@ -162,28 +162,37 @@ class ShardReader:
         row = L.width * L.dtype.itemsize
         flat = res.reshape(-1).view(np.uint8)
         c0, c1 = lo // C, (hi - 1) // C
+        entries = index[c0:c1 + 1]
+        stored = entries[:, 0] != EMPTY
+        # decode_index allows no other size for an uncompressed chunk; checked again before it sizes a read
+        if (entries[stored, 1] != cn + 4).any():
+            c = c0 + int(np.flatnonzero(stored & (entries[:, 1] != cn + 4))[0])
+            raise _for(StoreError(f"{self._where(s, c)}: stored chunk of {int(index[c, 1])} bytes, expected "
+                                  f"{cn + 4}"), names, k)
+        offsets = entries[:, 0].tolist()
         crcs = np.empty((c1 - c0 + 1, 4), np.uint8)
-        runs: list[tuple[int, list]] = []       # (object offset, [(chunk, target buffer, is_scratch)])
+        runs: list[tuple[int, list]] = []       # (object offset, [(chunk, target buffer, rows [a, b) if scratch)])
         end = None
-        for c in range(c0, c1 + 1):
-            a, b = max(lo, c * C), min(hi, (c + 1) * C)
-            off, n = int(index[c, 0]), int(index[c, 1])
-            if index[c, 0] == EMPTY:
+        for i, off in enumerate(offsets):
+            c = c0 + i
+            a, b = max(lo, c * C), min(hi, c * C + C)
+            if not stored[i]:
                 flat[(a - lo) * row:(b - lo) * row] = 0
                 end = None
                 continue
-            if n != cn + 4:             # decode_index allows nothing else for uncompressed chunks; never trust
-                raise _for(StoreError(f"{self._where(s, c)}: stored chunk of {n} bytes, expected {cn + 4}"),
-                           names, k)
-            whole = a == c * C and b == (c + 1) * C
-            target = flat[(a - lo) * row:(b - lo) * row] if whole else np.empty(cn, np.uint8)
+            if a == c * C and b == c * C + C:
+                target, part = flat[(a - lo) * row:(b - lo) * row], None
+            else:
+                target, part = np.empty(cn, np.uint8), (a, b)
             if off != end:
                 runs.append((off, []))
-            runs[-1][1].append((c, target, not whole))
-            end = off + n
+            runs[-1][1].append((c, target, part))
+            end = off + cn + 4
         key = shard_key(self.array, s)
         for off, members in runs:
-            bufs = [x for c, target, _ in members for x in (target, crcs[c - c0])]
+            bufs = []
+            for c, target, _ in members:
+                bufs += (target, crcs[c - c0])
             want = len(members) * (cn + 4)
             got = self.objects.read_into(key, off, bufs)
             if got is None:
@@ -192,11 +201,12 @@ class ShardReader:
             if got != want:
                 raise _for(StoreError(f"{self._where(s, members[0][0])}: object ends {want - got} bytes before "
                                       f"the chunks its index lists (truncated or corrupted)"), names, k)
-            for c, target, scratch in members:
-                if crc32c.crc32c(target) != int.from_bytes(crcs[c - c0].tobytes(), "little"):
+            expected = crcs[members[0][0] - c0:members[-1][0] - c0 + 1].view("<u4").ravel().tolist()
+            for (c, target, part), crc in zip(members, expected):
+                if crc32c.crc32c(target) != crc:
                     raise _for(StoreError(f"{self._where(s, c)}: checksum mismatch (corrupted data)"), names, k)
-                if scratch:
-                    a, b = max(lo, c * C), min(hi, (c + 1) * C)
+                if part is not None:
+                    a, b = part
                     flat[(a - lo) * row:(b - lo) * row] = target[(a - c * C) * row:(b - c * C) * row]
 
 
