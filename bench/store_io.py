@@ -10,7 +10,7 @@ Prints (and with --json, writes) five sections:
      (index, metadata, completion records, shard indexes all included), and the ratio vs float32;
   4. random-utterance reads, local: CI store and float32 stores (one at a time and batched get_many; float32 also
      with the pre-issue-17 layout, zstd:3 in 256-frame chunks) vs the icefall-style anchor, float32 labels in
-     HDF5 with one dataset per utterance (h5py); float readers and the anchor alternate over several rounds;
+     HDF5 with one dataset per utterance (h5py); float readers and the anchor take turns every batch;
   5. the same reads over S3 (a moto server on loopback, started here), plus HDF5 read through s3fs.
 
 Codes: by default synthetic "speech-like" codes (see synthetic_codes), or --codes uniform (worst case: random
@@ -294,12 +294,18 @@ def main(argv=None):
                      f"HDF5 float32, batches of {a.batch} held": (lambda b: [h5get(u) for u in b], a.batch)}
     for fn, _ in float_readers.values():
         fn(fpick[0]) if _ is None else fn(fpick[:1])       # open files, cache the shard index
-    # float readers and the anchor take turns, round after round, so that load from other jobs on a shared
+    # float readers and the anchor take turns every batch of utterances, so that load from other jobs on a shared
     # machine falls on all of them alike; each row is the round with the median rate (its range is printed too)
     rounds: dict[str, list[dict]] = {k: [] for k in float_readers}
     for _ in range(a.rounds):
-        for k, (fn, batch) in float_readers.items():
-            rounds[k].append(timed_reads(fn, fpick, batch))
+        parts: dict[str, list[dict]] = {k: [] for k in float_readers}
+        for i in range(0, len(fpick), a.batch):
+            for k, (fn, batch) in float_readers.items():
+                parts[k].append(timed_reads(fn, fpick[i:i + a.batch], batch))
+        for k, ps in parts.items():
+            n, t = sum(p["utterances"] for p in ps), sum(p["seconds"] for p in ps)
+            frames = sum(p["frames_per_s"] * p["seconds"] for p in ps)
+            rounds[k].append({"utterances": n, "seconds": t, "utt_per_s": n / t, "frames_per_s": frames / t})
     h5f.close()
     for k, rs in rounds.items():
         rs = sorted(rs, key=lambda r: r["utt_per_s"])
@@ -307,7 +313,7 @@ def main(argv=None):
     anchor = reads["HDF5 float32 (anchor), one per call"]
     res["reads_local"] = reads
     print(f"\n## 4. random-utterance reads, local disk (page cache warm); float rows: median of {a.rounds} "
-          f"interleaved rounds of {len(fpick)} reads (range in brackets)")
+          f"rounds of {len(fpick)} reads, readers taking turns every {a.batch} utterances (range in brackets)")
     print(f"{'reader':<48} {'utt/s':>10} {'frames/s':>12} {'utt/s vs HDF5':>14}")
     for k, r in reads.items():
         spread = (f"  [{min(r['rounds']):.0f}-{max(r['rounds']):.0f}; vs HDF5 per round: "

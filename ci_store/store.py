@@ -432,7 +432,10 @@ class CIStore:
         return {s: int(recs[s]["object_nbytes"]) for s in shards}
 
     def get_many(self, ids: Sequence[str]) -> list[np.ndarray]:
-        """Arrays for many utterances; reads are grouped per shard into few concurrent byte-range requests."""
+        """Arrays for many utterances; reads are grouped per shard into few concurrent byte-range requests.
+
+        Local uncompressed float stores return views into one block allocated for the batch (see
+        docs/store-format.md, "Reading"): keeping one of the arrays keeps the batch's block alive."""
         ids = list(ids)
         if not ids:
             return []
@@ -508,6 +511,8 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
 
     exist_ok=True reopens a store made with the same plan, kind, shape, teacher and quantizer (to resume a job);
     any difference, or a path holding something that is not a ci-store, raises StoreError. Never overwrites data.
+    compressor / chunk_frames: None is the kind's default for a new store (codes zstd:3 in 1024-frame chunks;
+    float uncompressed in ~128 KiB chunks) and the existing store's own layout on resume.
     """
     if not isinstance(plan, ShardPlan):
         raise StoreError(f"plan must be a ShardPlan (from plan_shards), got {type(plan).__name__}")
