@@ -356,18 +356,19 @@ class RetryingStore(WrapperStore):
         return self._listed("list", prefix, lambda: self._store.list_dir(prefix))
 
 
-def _preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
-    """os.preadv, or pread into each buffer in turn where the platform has no preadv."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, buffers, offset)
+def _pread_each(fd: int, buffers: list, offset: int) -> int:
+    """preadv where the platform has none: pread into each buffer in turn."""
     total = 0
     for b in buffers:
         data = os.pread(fd, len(b), offset + total)
-        b[:len(data)] = data
+        b[:len(data)] = np.frombuffer(data, np.uint8) if isinstance(b, np.ndarray) else data
         total += len(data)
         if len(data) < len(b):
             break
     return total
+
+
+_preadv = getattr(os, "preadv", _pread_each)
 
 
 class ObjectStore:
@@ -426,6 +427,10 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         try:
+            if len(buffers) <= _IOV_MAX:        # the usual case: everything in one call
+                got = _preadv(fd, buffers, offset)
+                if got == sum(len(b) for b in buffers):
+                    return got
             bufs, i, total = [b for b in buffers if len(b)], 0, 0
             while i < len(bufs):
                 got = _preadv(fd, bufs[i:i + _IOV_MAX], offset + total)
@@ -444,14 +449,14 @@ class ObjectStore:
 
     # --- reads -------------------------------------------------------------------------------------------------
     def read_into(self, key: str, offset: int, buffers: Sequence) -> int | None:
-        """Local stores only: fill `buffers` (writable byte buffers, in order) from the object's bytes starting at
-        `offset`, with vectored reads straight into them (no intermediate copy). Returns the bytes read, fewer
-        than the buffers hold when the object ends first (nothing past its end is read or allocated); None when
-        the object is missing."""
+        """Local stores only: fill `buffers` (writable, C-contiguous 1-D uint8 numpy arrays or other writable byte
+        buffers, in order) from the object's bytes starting at `offset`, with vectored reads straight into them
+        (no intermediate copy). Returns the bytes read, fewer than the buffers hold when the object ends first
+        (nothing past its end is read or allocated); None when the object is missing."""
         if not self.local:
             raise StoreError(f"{self.url}: read_into is for local stores (remote stores use get_ranges)")
-        views = [b if isinstance(b, np.ndarray) and b.dtype == np.uint8 and b.ndim == 1 and b.flags.c_contiguous
-                 else memoryview(b).cast("B") for b in buffers]
+        views = [b if type(b) is np.ndarray and b.dtype == np.uint8 and b.ndim == 1 else memoryview(b).cast("B")
+                 for b in buffers]
         return self._retry("read range", key, lambda: self._preadv_local(key, offset, views))
 
     def get(self, key: str) -> bytes | None:

@@ -101,7 +101,13 @@ class ShardReader:
             # one block for the whole batch: fresh memory for many utterances at once is mapped in large pages
             # (numpy asks for transparent huge pages from 4 MiB), where one array per utterance would take a
             # page fault per 4 KiB every batch once the allocator has returned the previous batch to the system
-            block = np.empty((sum(hi - lo for _, lo, hi in requests), L.width), L.dtype.newbyteorder("<"))
+            le = L.dtype.newbyteorder("<")
+            if len(requests) == 1:
+                (s, lo, hi), = requests
+                res = np.empty((hi - lo, L.width), le)
+                self._read_direct(s, lo, hi, idx[s], names, 0, res)
+                return [res.astype(L.dtype, copy=False)]
+            block = np.empty((sum(hi - lo for _, lo, hi in requests), L.width), le)
             out, pos = [], 0
             for k, (s, lo, hi) in enumerate(requests):
                 res = block[pos:pos + hi - lo]
@@ -163,13 +169,14 @@ class ShardReader:
         flat = res.reshape(-1).view(np.uint8)
         c0, c1 = lo // C, (hi - 1) // C
         entries = index[c0:c1 + 1]
-        stored = entries[:, 0] != EMPTY
+        is_stored = entries[:, 0] != EMPTY
         # decode_index allows no other size for an uncompressed chunk; checked again before it sizes a read
-        if (entries[stored, 1] != cn + 4).any():
-            c = c0 + int(np.flatnonzero(stored & (entries[:, 1] != cn + 4))[0])
+        bad = is_stored & (entries[:, 1] != cn + 4)
+        if bad.any():
+            c = c0 + int(np.flatnonzero(bad)[0])
             raise _for(StoreError(f"{self._where(s, c)}: stored chunk of {int(index[c, 1])} bytes, expected "
                                   f"{cn + 4}"), names, k)
-        offsets = entries[:, 0].tolist()
+        offsets, stored = entries[:, 0].tolist(), is_stored.tolist()
         crcs = np.empty((c1 - c0 + 1, 4), np.uint8)
         runs: list[tuple[int, list]] = []       # (object offset, [(chunk, target buffer, rows [a, b) if scratch)])
         end = None
