@@ -8,8 +8,9 @@ Prints (and with --json, writes) five sections:
   2. write throughput of a CI store (validation, encoding, checksums, completion records; local disk);
   3. bytes/frame on storage of a CI store vs float32 / float16 stores of the same utterances, whole stores
      (index, metadata, completion records, shard indexes all included), and the ratio vs float32;
-  4. random-utterance reads, local: CI store (one at a time and batched get_many) vs the icefall-style anchor,
-     float32 labels in HDF5 with one dataset per utterance (h5py);
+  4. random-utterance reads, local: CI store and float32 stores (one at a time and batched get_many; float32 also
+     with the pre-issue-17 layout, zstd:3 in 256-frame chunks) vs the icefall-style anchor, float32 labels in
+     HDF5 with one dataset per utterance (h5py); float readers and the anchor take turns every batch;
   5. the same reads over S3 (a moto server on loopback, started here), plus HDF5 read through s3fs.
 
 Codes: by default synthetic "speech-like" codes (see synthetic_codes), or --codes uniform (worst case: random
@@ -38,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import start_moto  # noqa: E402
 
 SHARED_EMBEDDINGS = "/work/shared/bench/make_embeddings.py"
+EARLIER_F32 = "float32 (zstd:3, 256-frame chunks)"     # float store defaults before issue 17 (still format v1)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--s3-reads", type=int, default=300, help="random utterances read over loopback S3 (0: skip)")
     ap.add_argument("--s3-frames", type=int, default=1_000_000, help="frames of the CI store written to S3")
     ap.add_argument("--batch", type=int, default=32, help="get_many batch size")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the local float/HDF5 reads")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
@@ -239,8 +242,10 @@ def main(argv=None):
     same = {}
     for name, kw in (("CI", dict(kind="codes", num_codebooks=K, dim=D, shard_frames=1 << 20)),
                      ("float16", dict(kind="float", dim=D, dtype="float16", shard_frames=65536)),
-                     ("float32", dict(kind="float", dim=D, dtype="float32", shard_frames=32768))):
-        url = os.path.join(work, f"same-{name}")
+                     ("float32", dict(kind="float", dim=D, dtype="float32", shard_frames=32768)),
+                     (EARLIER_F32, dict(kind="float", dim=D, dtype="float32", shard_frames=32768,
+                                        compressor="zstd:3", chunk_frames=256))):
+        url = os.path.join(work, f"same-{name.split()[0]}{'-earlier' if name == EARLIER_F32 else ''}")
         shutil.rmtree(url, ignore_errors=True)
         if name == "CI":
             src = split(make_codes(a.codes, len(emb), K, rng, a.codes_npy), f_lengths, "f")
@@ -260,14 +265,14 @@ def main(argv=None):
                   "bytes_per_frame": h5_bytes / len(emb)})
     for s in sizes:
         s["ratio_vs_raw_float32"] = raw32 / s["bytes_per_frame"]
-        s["ratio_vs_float32_store"] = same["float32"][1] / len(emb) / s["bytes_per_frame"]
+        s["ratio_vs_float32_zstd_store"] = same[EARLIER_F32][1] / len(emb) / s["bytes_per_frame"]
     res["sizes"] = sizes
     print(f"\n## 3. bytes per frame on storage (everything counted; raw float32 = {raw32} B/frame, "
           f"raw CI = {K} B/frame)")
-    print(f"{'store':<58} {'bytes':>13} {'B/frame':>10} {'vs raw f32':>11} {'vs f32 store':>13}")
+    print(f"{'store':<58} {'bytes':>13} {'B/frame':>10} {'vs raw f32':>11} {'vs f32 zstd store':>18}")
     for s in sizes:
         print(f"{s['store']:<58} {s['bytes']:>13} {s['bytes_per_frame']:>10.3f} "
-              f"{s['ratio_vs_raw_float32']:>10.1f}x {s['ratio_vs_float32_store']:>12.1f}x")
+              f"{s['ratio_vs_raw_float32']:>10.1f}x {s['ratio_vs_float32_zstd_store']:>17.1f}x")
 
     # 4. local reads
     ro = open_store(ci_url)
@@ -277,18 +282,45 @@ def main(argv=None):
     reads = {"CI store, one utterance per call": timed_reads(ro.__getitem__, pick),
              f"CI store, get_many batches of {a.batch}": timed_reads(ro.get_many, pick, a.batch)}
     f32 = open_store(same["float32"][0].url)
+    f32_earlier = open_store(same[EARLIER_F32][0].url)
     fids = f32.ids
     fpick = [fids[i] for i in rng.integers(0, len(fids), max(50, a.reads // 4))]
-    reads["float32 store (ci-store format), one per call"] = timed_reads(f32.__getitem__, fpick)
     h5get, h5f = hdf5_reader(h5_path)
-    reads["HDF5 float32 (anchor), one per call"] = timed_reads(h5get, fpick)
+    float_readers = {"float32 store, one per call": (f32.__getitem__, None),
+                     f"float32 store, get_many batches of {a.batch}": (f32.get_many, a.batch),
+                     "float32 store, earlier defaults, one per call": (f32_earlier.__getitem__, None),
+                     "HDF5 float32 (anchor), one per call": (h5get, None),
+                     # like get_many, holds a whole batch of arrays at once (fresh memory every batch)
+                     f"HDF5 float32, batches of {a.batch} held": (lambda b: [h5get(u) for u in b], a.batch)}
+    for fn, _ in float_readers.values():
+        fn(fpick[0]) if _ is None else fn(fpick[:1])       # open files, cache the shard index
+    # float readers and the anchor take turns every batch of utterances, so that load from other jobs on a shared
+    # machine falls on all of them alike; each row is the round with the median rate (its range is printed too)
+    rounds: dict[str, list[dict]] = {k: [] for k in float_readers}
+    for _ in range(a.rounds):
+        parts: dict[str, list[dict]] = {k: [] for k in float_readers}
+        for i in range(0, len(fpick), a.batch):
+            for k, (fn, batch) in float_readers.items():
+                parts[k].append(timed_reads(fn, fpick[i:i + a.batch], batch))
+        for k, ps in parts.items():
+            n, t = sum(p["utterances"] for p in ps), sum(p["seconds"] for p in ps)
+            frames = sum(p["frames_per_s"] * p["seconds"] for p in ps)
+            rounds[k].append({"utterances": n, "seconds": t, "utt_per_s": n / t, "frames_per_s": frames / t})
     h5f.close()
+    for k, rs in rounds.items():
+        rs = sorted(rs, key=lambda r: r["utt_per_s"])
+        reads[k] = dict(rs[len(rs) // 2], rounds=[r["utt_per_s"] for r in rounds[k]])
     anchor = reads["HDF5 float32 (anchor), one per call"]
     res["reads_local"] = reads
-    print("\n## 4. random-utterance reads, local disk (page cache warm)")
+    print(f"\n## 4. random-utterance reads, local disk (page cache warm); float rows: median of {a.rounds} "
+          f"rounds of {len(fpick)} reads, readers taking turns every {a.batch} utterances (range in brackets)")
     print(f"{'reader':<48} {'utt/s':>10} {'frames/s':>12} {'utt/s vs HDF5':>14}")
     for k, r in reads.items():
-        print(f"{k:<48} {r['utt_per_s']:>10.0f} {r['frames_per_s']:>12.0f} {r['utt_per_s'] / anchor['utt_per_s']:>13.1f}x")
+        spread = (f"  [{min(r['rounds']):.0f}-{max(r['rounds']):.0f}; vs HDF5 per round: "
+                  + ", ".join(f"{x / y:.2f}x" for x, y in zip(r["rounds"], anchor["rounds"])) + "]"
+                  if "rounds" in r else "")
+        print(f"{k:<48} {r['utt_per_s']:>10.0f} {r['frames_per_s']:>12.0f} "
+              f"{r['utt_per_s'] / anchor['utt_per_s']:>13.2f}x{spread}")
 
     # 5. S3
     if a.s3_reads > 0:

@@ -27,9 +27,14 @@ PAD_VALUE = 0                   # padding rows (shard tails, failed utterances) 
 
 DEFAULT_CODES_SHARD_FRAMES = 1 << 20     # 16 MiB of uint8 codes per shard at 16 codebooks
 DEFAULT_CODES_CHUNK_FRAMES = 1024        # inner chunk: ~20 s of audio at 50 Hz
-DEFAULT_FLOAT_CHUNK_FRAMES = 256
+FLOAT_SHARD_GRANULE = 256               # float shard sizes are multiples of this (the layouts of existing jobs)
 TARGET_FLOAT_SHARD_BYTES = 128 << 20     # float shards are sized to ~128 MiB uncompressed
-DEFAULT_COMPRESSOR = "zstd:3"
+# Float inner chunks: ~128 KiB decoded (32 frames at 1024-dim float32), so an utterance read fetches little more
+# than its own rows; uncompressed, because zstd gains only ~7 % on float labels and its decoding (~1 GB/s) would
+# bound reads at a few hundred utterances/s (docs/store-format.md, "Float stores: defaults and read path").
+TARGET_FLOAT_CHUNK_BYTES = 128 << 10
+MIN_FLOAT_CHUNK_FRAMES, MAX_FLOAT_CHUNK_FRAMES = 16, 256
+DEFAULT_COMPRESSOR = {"codes": "zstd:3", "float": "none"}
 
 # Limits a reader enforces before allocating anything a store's metadata asks for (docs/store-format.md,
 # "Untrusted stores"); create() refuses layouts beyond them, so every store it writes stays readable.
@@ -79,9 +84,17 @@ def default_shard_frames(kind: str = "codes", width: int | None = None, dtype=No
         raise StoreError(f"kind must be one of {KINDS}, got {kind!r}")
     if not width:
         raise StoreError("default_shard_frames for a float store needs its width (dim)")
-    chunk = chunk_frames or DEFAULT_FLOAT_CHUNK_FRAMES
+    chunk = chunk_frames or FLOAT_SHARD_GRANULE
     per_frame = int(width) * float_dtype(dtype).itemsize
     return max(chunk, (TARGET_FLOAT_SHARD_BYTES // per_frame) // chunk * chunk)
+
+
+def default_float_chunk_frames(width: int, itemsize: int) -> int:
+    """Target inner chunk of a float store: the power of two of frames nearest below TARGET_FLOAT_CHUNK_BYTES,
+    kept within [MIN_FLOAT_CHUNK_FRAMES, MAX_FLOAT_CHUNK_FRAMES] (more chunks per read cost per-chunk work)."""
+    frames = max(1, TARGET_FLOAT_CHUNK_BYTES // (int(width) * int(itemsize)))
+    frames = 1 << (frames.bit_length() - 1)
+    return min(MAX_FLOAT_CHUNK_FRAMES, max(MIN_FLOAT_CHUNK_FRAMES, frames))
 
 
 def choose_chunk_frames(shard_frames: int, target: int) -> int:
@@ -98,9 +111,10 @@ def choose_chunk_frames(shard_frames: int, target: int) -> int:
     raise AssertionError("unreachable")
 
 
-def parse_compressor(spec: str | None) -> tuple[str, int | None]:
-    """'zstd' / 'zstd:LEVEL' / 'none' -> (name, level). The only chains format v1 writes (see the doc)."""
-    spec = DEFAULT_COMPRESSOR if spec is None else str(spec)
+def parse_compressor(spec: str | None, kind: str = "codes") -> tuple[str, int | None]:
+    """'zstd' / 'zstd:LEVEL' / 'none' -> (name, level); None: the kind's default. The only chains format v1
+    writes (see the doc)."""
+    spec = DEFAULT_COMPRESSOR[kind] if spec is None else str(spec)
     name, _, level = spec.partition(":")
     if name == "none" and not level:
         return "none", None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from zarr.abc.store import RangeByteRequest
@@ -31,6 +32,10 @@ from .errors import StoreError
 
 log = logging.getLogger("ci_store")
 T = TypeVar("T")
+try:
+    _IOV_MAX = max(2, min(1024, os.sysconf("SC_IOV_MAX")))     # buffers one preadv call may fill
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
 
 
 def is_local(url: str) -> bool:
@@ -351,6 +356,21 @@ class RetryingStore(WrapperStore):
         return self._listed("list", prefix, lambda: self._store.list_dir(prefix))
 
 
+def _pread_each(fd: int, buffers: list, offset: int) -> int:
+    """preadv where the platform has none: pread into each buffer in turn."""
+    total = 0
+    for b in buffers:
+        data = os.pread(fd, len(b), offset + total)
+        b[:len(data)] = np.frombuffer(data, np.uint8) if isinstance(b, np.ndarray) else data
+        total += len(data)
+        if len(data) < len(b):
+            break
+    return total
+
+
+_preadv = getattr(os, "preadv", _pread_each)
+
+
 class ObjectStore:
     """Synchronous get/set/create/list of whole or partial objects under one store root.
 
@@ -401,7 +421,44 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def _preadv_local(self, key: str, offset: int, buffers: list) -> int | None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            if len(buffers) <= _IOV_MAX:        # the usual case: everything in one call
+                got = _preadv(fd, buffers, offset)
+                if got == sum(len(b) for b in buffers):
+                    return got
+            bufs, i, total = [b for b in buffers if len(b)], 0, 0
+            while i < len(bufs):
+                got = _preadv(fd, bufs[i:i + _IOV_MAX], offset + total)
+                if got == 0:            # end of file: the caller compares the count with what it asked for
+                    break
+                total += got
+                while got and i < len(bufs):        # a short read resumes inside the buffer it stopped in
+                    if got >= len(bufs[i]):
+                        got -= len(bufs[i])
+                        i += 1
+                    else:
+                        bufs[i], got = bufs[i][got:], 0
+            return total
+        finally:
+            os.close(fd)
+
     # --- reads -------------------------------------------------------------------------------------------------
+    def read_into(self, key: str, offset: int, buffers: Sequence) -> int | None:
+        """Local stores only: fill `buffers` (writable, C-contiguous 1-D uint8 numpy arrays or other writable byte
+        buffers, in order) from the object's bytes starting at `offset`, with vectored reads straight into them
+        (no intermediate copy). Returns the bytes read, fewer than the buffers hold when the object ends first
+        (nothing past its end is read or allocated); None when the object is missing."""
+        if not self.local:
+            raise StoreError(f"{self.url}: read_into is for local stores (remote stores use get_ranges)")
+        views = [b if type(b) is np.ndarray and b.dtype == np.uint8 and b.ndim == 1 else memoryview(b).cast("B")
+                 for b in buffers]
+        return self._retry("read range", key, lambda: self._preadv_local(key, offset, views))
+
     def get(self, key: str) -> bytes | None:
         if self.local:
             return self._retry("get", key, lambda: self._read_local(key))

@@ -21,7 +21,8 @@ from .completion import (CLAIMS_PREFIX, build_claim, build_record, claim_key, co
                          decode_claim, decode_record, encode_record, same_labels, same_object, shard_from_done_key,
                          writer_id)
 from .errors import StoreError, name_some
-from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DEFAULT_FLOAT_CHUNK_FRAMES, DONE_GROUP,
+from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DONE_GROUP, MAX_FLOAT_CHUNK_FRAMES,
+                     default_float_chunk_frames,
                      FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
                      compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
 from .completion import check_record
@@ -431,12 +432,15 @@ class CIStore:
         return {s: int(recs[s]["object_nbytes"]) for s in shards}
 
     def get_many(self, ids: Sequence[str]) -> list[np.ndarray]:
-        """Arrays for many utterances; reads are grouped per shard into few concurrent byte-range requests."""
+        """Arrays for many utterances; reads are grouped per shard into few concurrent byte-range requests.
+
+        Local uncompressed float stores return views into one block allocated for the batch (see
+        docs/store-format.md, "Reading"): keeping one of the arrays keeps the batch's block alive."""
         ids = list(ids)
         if not ids:
             return []
         reqs = self._requests(ids)
-        return self._handle().reader.read(reqs, self._sizes({s for s, _, _ in reqs}))
+        return self._handle().reader.read(reqs, self._sizes({s for s, _, _ in reqs}), names=ids)
 
     def __getitem__(self, utt_id: str) -> np.ndarray:
         return self.get_many([utt_id])[0]
@@ -507,6 +511,8 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
 
     exist_ok=True reopens a store made with the same plan, kind, shape, teacher and quantizer (to resume a job);
     any difference, or a path holding something that is not a ci-store, raises StoreError. Never overwrites data.
+    compressor / chunk_frames: None is the kind's default for a new store (codes zstd:3 in 1024-frame chunks;
+    float uncompressed in ~128 KiB chunks) and the existing store's own layout on resume.
     """
     if not isinstance(plan, ShardPlan):
         raise StoreError(f"plan must be a ShardPlan (from plan_shards), got {type(plan).__name__}")
@@ -515,7 +521,7 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     frame_rate = _positive(frame_rate, "frame_rate", integer=False)
     teacher = _json_dict(teacher, "teacher") or None
     extra = _json_dict(extra, "extra")
-    cname, level = parse_compressor(compressor)
+    cname, level = parse_compressor(compressor, kind)
     qid = qconfig = qarrays = None
     if quantizer is not None:
         qid, qconfig, qarrays = check_quantizer(quantizer)
@@ -538,9 +544,15 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         width = dim = _positive(dim, "dim (required for float stores)")
         dt = float_dtype(dtype)
         num_codebooks = codebook_size = None
-        target_chunk = DEFAULT_FLOAT_CHUNK_FRAMES
+        target_chunk = default_float_chunk_frames(width, dt.itemsize)
     S = plan.shard_frames
-    if chunk_frames is None:
+    chunk_arg = chunk_frames
+    if chunk_frames is None and kind == "float":
+        try:
+            chunk_frames = choose_chunk_frames(S, target_chunk)
+        except StoreError:      # no divisor near the small target: the chunk every earlier version chose
+            chunk_frames = choose_chunk_frames(S, MAX_FLOAT_CHUNK_FRAMES)
+    elif chunk_frames is None:
         chunk_frames = choose_chunk_frames(S, target_chunk)
     else:
         chunk_frames = _positive(chunk_frames, "chunk_frames")
@@ -578,6 +590,11 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
             if not exist_ok:
                 raise StoreError(f"{url} already holds a ci-store; pass exist_ok=True to resume it")
             existing = CIStore(url, storage_options, mode="r+", lookup=lookup, retry=retry)
+            # defaults change between versions (float stores: issue 17); a resume that did not ask for a layout
+            # continues the store's own, so its shards stay byte-identical to those already written
+            for key, given in (("compressor", compressor), ("chunk_frames", chunk_arg)):
+                if given is None:
+                    meta[key] = existing.meta[key]
             diffs = _differences(existing.meta, meta)
             if diffs:
                 raise StoreError(f"{url} already holds a different ci-store: " + "; ".join(diffs))

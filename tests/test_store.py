@@ -333,7 +333,7 @@ def test_float_store_roundtrip(tmp_path, utts, dtype):
     st = create(str(tmp_path / "f"), plan, kind="float", dim=24, dtype=dtype, frame_rate=50.0)
     fill(st, emb)
     ro = open_store(st.url)
-    assert ro.kind == "float" and ro.dtype == np.dtype(dtype) and ro.meta["chunk_frames"] == 256
+    assert ro.kind == "float" and ro.dtype == np.dtype(dtype) and ro.meta["chunk_frames"] == 256 and ro.meta["compressor"] == "none"
     for u, _ in utts:
         assert np.array_equal(ro[u], emb[u].astype(dtype))
     assert verify_store(ro) == []
