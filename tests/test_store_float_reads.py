@@ -288,3 +288,30 @@ def test_float_store_on_s3_equals_local_direct_reads(s3_bucket, tmp_path):
     fs.pipe(f"{remote_st.url}/{key}", bytes(raw))
     with pytest.raises(StoreError, match=f"checksum mismatch.*utterance '{victim}'"):
         open_store(remote_st.url, storage_options=opts)[victim]
+
+
+def test_checksums_are_checked_once_per_reader_and_afresh_by_a_new_handle(tmp_path, monkeypatch):
+    """A reader hashes a chunk the first time it reads it (later epochs re-read without hashing); a corruption after
+    that is still found by every new handle and by verify."""
+    import ci_store.reader as reader
+
+    utts, data = float_utts()
+    st = write(str(tmp_path / "f"), utts, data)
+    victim = st.plan.shards[0].utt_ids[2]
+    hashed = []
+    real = reader.crc32c.crc32c
+    monkeypatch.setattr(reader.crc32c, "crc32c", lambda b: hashed.append(len(b)) or real(b))
+    ro = open_store(st.url)
+    assert same(ro[victim], data[victim]) and hashed
+    first = len(hashed)
+    assert same(ro[victim], data[victim]) and len(hashed) == first  # second read: no hashing
+    off, n, shard = st.locate(victim)
+    idx = ro._handle().reader.indexes([shard], {shard: st.shard_record(shard)["object_nbytes"]})[shard]
+    pos, size = (int(x) for x in idx[(off - shard * SHARD) // 8])
+    path = _object(st.url, shard)
+    raw = bytearray(open(path, "rb").read())
+    raw[pos + size // 2] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(StoreError, match=f"checksum mismatch.*utterance '{victim}'"):
+        open_store(st.url)[victim]
+    assert any("shard 0" in p for p in verify_store(st.url))
