@@ -269,3 +269,78 @@ def test_warm_up_scales():
     assert pruned_loss_scales(50, 100, 0.5) == pytest.approx((0.75, 0.55))
     assert pruned_loss_scales(100, 100, 0.5) == pruned_loss_scales(10 ** 6, 100, 0.5) == (0.5, 1.0)
     assert pruned_loss_scales(3, 0, 0.25) == (0.25, 1.0)
+
+
+# ---------------------------------------------------------------- the student with rnnt_loss="pruned"
+
+def _tiny_student(**kw):
+    from distill.student.model import StudentConfig, Transducer
+
+    base = dict(vocab_size=10, d_model=32, num_layers=1, num_heads=2, ff_mult=2, conv_kernel=5, dropout=0.0,
+                subsampling_channels=8, pred_dim=32, joiner_dim=32)
+    base.update(kw)
+    return Transducer(StudentConfig(**base))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return {"feats": torch.randn(3, 40, 80, generator=g), "feat_lens": torch.tensor([40, 29, 17]),
+            "tokens": torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0], [9, 1, 0, 0, 0]]),
+            "token_lens": torch.tensor([5, 3, 2]), "ids": ["a", "b", "c"]}
+
+
+def test_student_pruned_loss_parts_and_equality_with_full_at_a_covering_range():
+    torch.manual_seed(0)
+    pruned_model = _tiny_student(rnnt_loss="pruned", prune_range=6)  # U+1 = 6: every symbol in every window
+    full_model = _tiny_student()
+    assert {"simple_am_proj.weight", "simple_lm_proj.weight"} <= set(pruned_model.state_dict())
+    assert not any(k.startswith("simple_") for k in full_model.state_dict())  # "full" checkpoints unchanged
+    missing, unexpected = full_model.load_state_dict(pruned_model.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == ["simple_am_proj.bias", "simple_am_proj.weight",
+                                                  "simple_lm_proj.bias", "simple_lm_proj.weight"]
+    batch = _batch()
+    total, parts = pruned_model.compute_loss(batch)
+    _, full_parts = full_model.compute_loss(batch)
+    assert "simple" not in full_parts and "pruned" not in full_parts
+    assert parts["pruned"] == pytest.approx(full_parts["transducer"], rel=1e-5)
+    assert parts["transducer"] == pytest.approx(0.5 * parts["simple"] + parts["pruned"], rel=1e-5)
+    assert float(total.detach()) == pytest.approx(parts["total"])
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pruned_model.parameters())
+    assert pruned_model.simple_am_proj.weight.grad.abs().sum() > 0
+    # warm-up: at step 0 of 100 the simple loss counts fully and the pruned one at 0.1
+    warm = _tiny_student(rnnt_loss="pruned", prune_range=6, prune_warmup_steps=100)
+    warm.load_state_dict(pruned_model.state_dict())
+    _, p0 = warm.compute_loss(batch, step=0)
+    assert p0["transducer"] == pytest.approx(p0["simple"] + 0.1 * p0["pruned"], rel=1e-5)
+    _, pn = warm.compute_loss(batch)  # no step: the steady scales
+    assert pn["transducer"] == pytest.approx(parts["transducer"], rel=1e-5)
+
+
+def test_student_pruned_loss_with_a_narrow_range_trains():
+    torch.manual_seed(1)
+    model = _tiny_student(rnnt_loss="pruned", prune_range=2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = _batch()
+    first = None
+    for _ in range(15):
+        total, parts = model.compute_loss(batch)
+        first = first if first is not None else parts
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert parts["pruned"] < first["pruned"] and parts["simple"] < first["simple"]
+
+
+def test_student_config_fields_load_from_old_runs_and_are_validated():
+    from distill.student.model import StudentConfig
+
+    old = {"vocab_size": 12, "d_model": 32, "num_heads": 2}  # a config.json written before these fields existed
+    cfg = StudentConfig.from_dict(old)
+    assert (cfg.rnnt_loss, cfg.prune_range, cfg.simple_loss_scale, cfg.prune_warmup_steps) == ("full", 5, 0.5, 0)
+    assert StudentConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, match in (({"rnnt_loss": "fast"}, "rnnt_loss"), ({"prune_range": 1}, "prune_range"),
+                       ({"prune_range": 3.0}, "prune_range"), ({"simple_loss_scale": -0.1}, "simple_loss_scale"),
+                       ({"prune_warmup_steps": -1}, "prune_warmup_steps")):
+        with pytest.raises(ValueError, match=match):
+            StudentConfig.from_dict({**old, **bad})
