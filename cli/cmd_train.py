@@ -26,13 +26,18 @@ from cli.options import json_object
 @click.option("--threads", default=2, show_default=True, help="torch threads for training.")
 @click.option("--student", "student_json", default=None,
               help='Student architecture overrides as JSON, e.g. \'{"d_model": 144, "num_layers": 6}\'.')
+@click.option("--rnnt-loss", type=click.Choice(["full", "pruned"]), default=None,
+              help="Transducer loss (student field rnnt_loss): full lattice, or pruned RNN-T (simple joiner picks "
+                   "--prune-range symbols per frame). Default: full (docs/benchmarks.md, 'Transducer loss').")
+@click.option("--prune-range", type=click.IntRange(min=2), default=None,
+              help="Symbols per frame kept by --rnnt-loss pruned (student field prune_range; default 5).")
 @click.option("--tokenizer", default=None, help="Tokenizer JSON (default: characters of the training texts).")
 @click.option("--bpe", default=None, type=int, help="Train a sentencepiece BPE tokenizer of this size instead.")
 @click.option("--storage-options", default=None, help="JSON dict for fsspec (label store / audio URLs).")
 @click.option("--no-progress", is_flag=True)
 def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
-                      warmup_steps, seed, num_workers, threads, student_json, tokenizer, bpe, storage_options,
-                      no_progress):
+                      warmup_steps, seed, num_workers, threads, student_json, rnnt_loss, prune_range, tokenizer, bpe,
+                      storage_options, no_progress):
     """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
     from distill.data.manifest import load_manifest
     from distill.data.tokenizer import BPETokenizer, load_tokenizer
@@ -42,7 +47,7 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
         kd_scale = 0.1 if kd == "mvq" else 1.0
     cfg = TrainConfig(kd=kd, kd_scale=kd_scale, epochs=epochs, max_seconds=max_seconds, lr=lr,
                       warmup_steps=warmup_steps, seed=seed, num_workers=num_workers, threads=threads)
-    student = json_object(student_json, "--student")
+    student = _with_loss_options(json_object(student_json, "--student"), rnnt_loss, prune_range)
     so = json_object(storage_options, "--storage-options") or None
     tok = None
     if tokenizer:
@@ -63,6 +68,21 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
                             student=student, tokenizer=tok, storage_options=so, progress=not no_progress,
                             log=click.echo)
     click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+
+
+def _with_loss_options(student: dict, rnnt_loss: str | None, prune_range: int | None) -> dict:
+    """--rnnt-loss / --prune-range written into the student dict (so into config.json); contradictions refused."""
+    for opt, key, value in (("--rnnt-loss", "rnnt_loss", rnnt_loss), ("--prune-range", "prune_range", prune_range)):
+        if value is not None and key in student and student[key] != value:
+            raise click.BadParameter(f"{opt} {value} contradicts --student {key}={student[key]!r}", param_hint=opt)
+    if rnnt_loss is not None:
+        student = {**student, "rnnt_loss": rnnt_loss}
+    if prune_range is not None:
+        if student.get("rnnt_loss", "full") != "pruned":
+            raise click.BadParameter("only applies to the pruned loss: add --rnnt-loss pruned",
+                                     param_hint="--prune-range")
+        student = {**student, "prune_range": prune_range}
+    return student
 
 
 @main.command("evaluate")

@@ -344,3 +344,36 @@ def test_student_config_fields_load_from_old_runs_and_are_validated():
                        ({"prune_warmup_steps": -1}, "prune_warmup_steps")):
         with pytest.raises(ValueError, match=match):
             StudentConfig.from_dict({**old, **bad})
+
+
+# ---------------------------------------------------------------- ci-store train-student --rnnt-loss
+
+def test_train_student_cli_records_the_pruned_loss_and_refuses_contradictions(tiny_corpus, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    run = tmp_path / "run"
+    student = json.dumps({"d_model": 32, "num_layers": 1, "num_heads": 2, "subsampling_channels": 8,
+                          "pred_dim": 32, "joiner_dim": 32})
+    base = ["train-student", "--train", tiny_corpus["train"], "--kd", "none", "--epochs", "1", "--threads", "1",
+            "--max-seconds", "20", "--warmup-steps", "2", "--no-progress", "--student", student]
+    res = CliRunner().invoke(main, [*base, "--out", str(run), "--rnnt-loss", "pruned", "--prune-range", "3"])
+    assert res.exit_code == 0, res.output
+    saved = json.load(open(run / "config.json"))["student"]
+    assert saved["rnnt_loss"] == "pruned" and saved["prune_range"] == 3
+    logged = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert logged and all(r["loss_transducer"] > 0 for r in logged)
+    res = CliRunner().invoke(main, ["evaluate", str(run), tiny_corpus["dev"], "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["words"] > 0
+    for extra, msg in ((["--rnnt-loss", "full", "--student", '{"rnnt_loss": "pruned"}'], "contradicts"),
+                       (["--rnnt-loss", "pruned", "--prune-range", "4", "--student", '{"prune_range": 6}'],
+                        "contradicts"),
+                       (["--prune-range", "4"], "add --rnnt-loss pruned"),
+                       (["--rnnt-loss", "pruned", "--prune-range", "1"], "--prune-range")):
+        res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), *extra])
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert not (tmp_path / "bad" / "config.json").exists()
