@@ -89,12 +89,20 @@ def _with_loss_options(student: dict, rnnt_loss: str | None, prune_range: int | 
 @click.argument("run_dir")
 @click.argument("manifest")
 @click.option("--max-seconds", default=120.0, show_default=True)
+@click.option("--decoding", type=click.Choice(["greedy", "modified_beam_search"]), default="greedy",
+              show_default=True, help="greedy: argmax per frame; modified_beam_search: --beam hypotheses, at most "
+                                      "one symbol per frame (icefall's).")
+@click.option("--beam", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Hypotheses kept per utterance by --decoding modified_beam_search.")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_cmd(run_dir, manifest, max_seconds, as_json):
-    """Greedy-decode MANIFEST with the student in RUN_DIR and print its WER."""
-    from distill.student.trainer import evaluate
+def evaluate_cmd(run_dir, manifest, max_seconds, decoding, beam, as_json):
+    """Decode MANIFEST with the student in RUN_DIR and print its WER."""
+    from distill.data.manifest import load_manifest
+    from distill.student.trainer import evaluate_model, load_student
 
-    res = evaluate(run_dir, manifest, max_seconds=max_seconds)
+    model, tokenizer = load_student(run_dir)
+    res = evaluate_model(model, tokenizer, load_manifest(manifest), max_seconds=max_seconds, decoding=decoding,
+                         beam=beam)
     if as_json:
         click.echo(json.dumps(res))
     else:

@@ -368,7 +368,19 @@ def test_train_student_cli_records_the_pruned_loss_and_refuses_contradictions(ti
     assert logged and all(r["loss_transducer"] > 0 for r in logged)
     res = CliRunner().invoke(main, ["evaluate", str(run), tiny_corpus["dev"], "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["words"] > 0
+    greedy = json.loads(res.output)
+    assert greedy["words"] > 0
+    # ci-store evaluate --decoding modified_beam_search: beam 1 is greedy search, a wider beam scores the same words
+    beam = {}
+    for n in (1, 4):
+        res = CliRunner().invoke(main, ["evaluate", str(run), tiny_corpus["dev"], "--json", "--decoding",
+                                        "modified_beam_search", "--beam", str(n)])
+        assert res.exit_code == 0, res.output
+        beam[n] = json.loads(res.output)
+    assert beam[1] == greedy
+    assert beam[4]["words"] == greedy["words"] and beam[4]["chars"] == greedy["chars"]
+    res = CliRunner().invoke(main, ["evaluate", str(run), tiny_corpus["dev"], "--beam", "0"])
+    assert res.exit_code == 2 and "--beam" in res.output
     for extra, msg in ((["--rnnt-loss", "full", "--student", '{"rnnt_loss": "pruned"}'], "contradicts"),
                        (["--rnnt-loss", "pruned", "--prune-range", "4", "--student", '{"prune_range": 6}'],
                         "contradicts"),

@@ -218,9 +218,13 @@ def load_student(run_dir: str):
 
 @torch.inference_mode()
 def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None, storage_options=None,
-                   max_seconds: float = 120.0, return_hyps: bool = False) -> dict:
-    """Greedy-decode `utts` and score WER against their texts."""
-    from distill.student.decode import cer, greedy_search, wer
+                   max_seconds: float = 120.0, return_hyps: bool = False, decoding: str = "greedy",
+                   beam: int = 4) -> dict:
+    """Decode `utts` (greedy, or modified beam search with `beam` hypotheses) and score WER against their texts."""
+    from distill.student.decode import cer, greedy_search, modified_beam_search, wer
+
+    if decoding not in ("greedy", "modified_beam_search"):
+        raise ValueError(f"decoding must be 'greedy' or 'modified_beam_search', got {decoding!r}")
 
     was_training = model.training
     model.eval()
@@ -228,7 +232,10 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
     sampler = ShardBucketSampler(ds.durations(), None, max_seconds=max_seconds, shuffle=False)
     refs, hyps, ids = [], [], []
     for batch in make_loader(ds, sampler):
-        out = greedy_search(model, batch["feats"], batch["feat_lens"])
+        if decoding == "greedy":
+            out = greedy_search(model, batch["feats"], batch["feat_lens"])
+        else:
+            out = modified_beam_search(model, batch["feats"], batch["feat_lens"], beam=beam)
         hyps += [tokenizer.decode(h) for h in out]
         refs += [normalize_text(t) for t in batch["texts"]]
         ids += batch["ids"]
