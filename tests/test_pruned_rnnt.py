@@ -234,6 +234,10 @@ def test_float32_and_no_grad_paths():
         s2, p2 = pruned_rnnt_loss(pruned_fn, am, lm, targets, tl, ul, prune_range=4)
     torch.testing.assert_close(s2, s.detach())
     torch.testing.assert_close(p2, p.detach())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # AMP: the simple lattice still runs in float32
+        s3, p3 = pruned_rnnt_loss(pruned_fn, am, lm, targets, tl, ul, prune_range=4)
+    torch.testing.assert_close(s3, s.detach())
+    assert p3.dtype == torch.float32 and torch.isfinite(p3)
 
 
 def test_bad_inputs_raise_clear_errors():

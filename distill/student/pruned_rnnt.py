@@ -41,10 +41,15 @@ def simple_lattice(am: torch.Tensor, lm: torch.Tensor, targets: torch.Tensor, bl
     (1 - lm_only_scale - am_only_scale) * joint + lm_only_scale * log softmax(lm[u]) + am_only_scale * (log of
     softmax(am[t]) reweighted by the unigram of the lm's predictions). The unigram is averaged over the batch's valid
     predictor positions (`target_lengths`), so with am_only_scale > 0 an utterance's loss depends on its batch.
-    Computed in float32 at least; half inputs are upcast.
+    Computed in float32 or float64 (half inputs are upcast, autocast is off inside).
     """
-    if am.dtype in (torch.float16, torch.bfloat16):
-        am, lm = am.float(), lm.float()
+    with torch.autocast(device_type=am.device.type, enabled=False):  # bmm under autocast would run in half
+        if am.dtype in (torch.float16, torch.bfloat16):
+            am, lm = am.float(), lm.float()
+        return _simple_lattice(am, lm, targets, blank, lm_only_scale, am_only_scale, target_lengths)
+
+
+def _simple_lattice(am, lm, targets, blank, lm_only_scale, am_only_scale, target_lengths):
     B, T, V = am.shape
     U = lm.shape[1] - 1
     label_ids = torch.cat([targets.long().clamp(0, V - 1), targets.new_full((B, 1), blank, dtype=torch.long)], 1)
