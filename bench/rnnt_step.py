@@ -1,8 +1,9 @@
 """Student training step: full vs pruned RNN-T loss, time and peak memory, with pruned/full ratios.
 
 Each (size, loss) runs in its own subprocess so peak memory is that configuration's alone: on CPU the growth of
-the process's peak RSS (resource.getrusage ru_maxrss) over one training step above what the model, optimizer and
-batch already held; on CUDA torch.cuda.max_memory_allocated over the step. Timings are medians over --steps steps
+the process's peak RSS (resource.getrusage ru_maxrss) over the training steps above what the model, optimizer and
+batch held before the first step; on CUDA torch.cuda.max_memory_allocated over the steps above the allocation
+before them. Timings are medians over --steps steps
 after one warm-up step, and split into
   step:      encoder + transducer loss + backward + AdamW (what the trainer does per batch, no KD head)
   loss:      transducer loss forward + backward alone, encoder output given (the part the two losses change)
@@ -86,12 +87,14 @@ def one_config(size: str, loss: str, device: str, steps: int, prune_range: int, 
             out.append(time.perf_counter() - t0)
         return out
 
-    step()  # warm-up: allocator pools, lazy inits, AdamW state
+    # memory base: model, optimizer and batch exist, no step has run (the steps add activations, gradients and
+    # the AdamW state, which is 2x the parameters: 8 * params bytes)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up: allocator pools, lazy inits, AdamW state
     step_times = timed(step, steps)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base

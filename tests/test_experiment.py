@@ -17,7 +17,7 @@ TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, 
              teacher_epochs=1, teacher_layer=2, num_codebooks=2, sample_utterances=10, student_epochs=1,
              student_max_seconds=20.0, student_warmup_steps=2,
              student={"d_model": 32, "num_layers": 1, "num_heads": 2}, kd_runs=("none", "mvq", "l2", "mvq1"), workers=1,
-             rnnt_loss="pruned")  # the full loss is what train-student runs by default (tests/test_train.py)
+             rnnt_loss="pruned")  # train-student's default, named here so the test keeps meaning it
 
 
 @pytest.fixture(scope="module")

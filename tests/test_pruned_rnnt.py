@@ -385,10 +385,16 @@ def test_train_student_cli_records_the_pruned_loss_and_refuses_contradictions(ti
     assert beam[4]["words"] == greedy["words"] and beam[4]["chars"] == greedy["chars"]
     res = CliRunner().invoke(main, ["evaluate", str(run), tiny_corpus["dev"], "--beam", "0"])
     assert res.exit_code == 2 and "--beam" in res.output
+    # the default for a new run is the pruned loss, unless --student names one
+    from cli.cmd_train import _with_loss_options
+
+    assert _with_loss_options({}, None, None) == {"rnnt_loss": "pruned"}
+    assert _with_loss_options({"rnnt_loss": "full"}, None, None) == {"rnnt_loss": "full"}
+    assert _with_loss_options({}, None, 7) == {"rnnt_loss": "pruned", "prune_range": 7}
     for extra, msg in ((["--rnnt-loss", "full", "--student", '{"rnnt_loss": "pruned"}'], "contradicts"),
                        (["--rnnt-loss", "pruned", "--prune-range", "4", "--student", '{"prune_range": 6}'],
                         "contradicts"),
-                       (["--prune-range", "4"], "add --rnnt-loss pruned"),
+                       (["--prune-range", "4", "--student", '{"rnnt_loss": "full"}'], "add --rnnt-loss pruned"),
                        (["--rnnt-loss", "pruned", "--prune-range", "1"], "--prune-range")):
         res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), *extra])
         assert res.exit_code == 2 and msg in res.output, res.output
