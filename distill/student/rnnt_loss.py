@@ -10,6 +10,8 @@ Two steps:
    size, so peak ~ 2-3 x B*T*(U+1)*V floats. With a joiner callable (`logits_fn(t0, t1)`) the logits are made
    `chunk_frames` frames at a time under activation checkpointing: only one chunk's logits ever exist (in the
    forward and again in the backward, recomputed), so memory is bounded by B*chunk_frames*(U+1)*V regardless of T.
+   The gather itself (`cell_log_probs`) is shared with the pruned loss (distill.student.pruned_rnnt), whose cells
+   carry their own label ids.
 2. `transducer_forward`: alpha recursion over the (t, u) lattice. All cells with t + u = n depend only on
    diagonal n-1, so each of the T+U-1 steps is one vectorised logaddexp over [B, U+1]. Memory O(B*(T+U)*U).
 
