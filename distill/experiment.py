@@ -33,6 +33,7 @@ class Sizes:
     student_max_seconds: float = 30.0  # audio seconds per batch: small batches = more updates on a small subset
     student_warmup_steps: int = 50
     student: dict = field(default_factory=lambda: {"d_model": 144, "num_layers": 4, "num_heads": 4})
+    rnnt_loss: str | None = None  # train-student --rnnt-loss (full | pruned); None: the command's default (pruned)
     kd_runs: tuple = ("none", "mvq", "l2")
     seed: int = 0
     workers: int = 2
@@ -148,6 +149,8 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
                 "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
                 "--student", json.dumps(sizes.student),
                 "--no-progress"]
+        if sizes.rnnt_loss:
+            args += ["--rnnt-loss", sizes.rnnt_loss]
         if n:
             args += ["--labels", stores.get(kd, stores["ci"])]
         elif kd in ("l1", "l2"):

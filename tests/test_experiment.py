@@ -16,7 +16,8 @@ from scoring import edit_distance
 TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, teacher_d_model=64, teacher_layers=2,
              teacher_epochs=1, teacher_layer=2, num_codebooks=2, sample_utterances=10, student_epochs=1,
              student_max_seconds=20.0, student_warmup_steps=2,
-             student={"d_model": 32, "num_layers": 1, "num_heads": 2}, kd_runs=("none", "mvq", "l2", "mvq1"), workers=1)
+             student={"d_model": 32, "num_layers": 1, "num_heads": 2}, kd_runs=("none", "mvq", "l2", "mvq1"), workers=1,
+             rnnt_loss="pruned")  # train-student's default, named here so the test keeps meaning it
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,8 @@ def test_every_step_ran_and_results_are_complete(pipeline):
             assert r["wer"] == pytest.approx(r["errors"] / r["words"])
             assert r["cer"] == pytest.approx(r["char_errors"] / r["chars"])
         assert res["train_seconds"] > 0
+        with open(os.path.join(work, "students", kd, "config.json")) as f:
+            assert json.load(f)["student"]["rnnt_loss"] == "pruned"
         assert os.path.exists(os.path.join(work, "students", kd, "final.json"))
     for step in ("corpus", "teacher", "sample_frames", "train_quantizer", "extract"):
         assert summary["timings"][step] > 0

@@ -1,13 +1,17 @@
-"""Batched greedy transducer decoding (icefall-style) and word error rate.
+"""Batched transducer decoding (icefall-style: greedy and modified beam search) and word error rate.
 
 Greedy search walks the encoder frames; at each frame it emits the joiner's argmax until blank or
 `max_sym_per_frame` symbols, updating the stateless predictor's context only for the utterances that emitted.
+Modified beam search keeps `beam` hypotheses per utterance and emits at most one symbol per frame; hypotheses
+with the same token sequence are merged by adding their probabilities.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["greedy_search", "wer"]
+__all__ = ["greedy_search", "modified_beam_search", "wer", "cer"]
 
 
 @torch.no_grad()
@@ -43,6 +47,64 @@ def greedy_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, max_sym_p
         return hyps
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def modified_beam_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, beam: int = 4,
+                         return_scores: bool = False):
+    """Token ids per utterance (and, with return_scores, the log-probability of each best hypothesis: the log-sum
+    over the merged alignments the search kept) for a padded batch feats [B, T, F], feat_lens [B].
+
+    Per frame, every live hypothesis of every utterance goes through the predictor and joiner in one batch; each
+    utterance then keeps the `beam` best (hypothesis, blank-or-token) extensions of its own hypotheses. An
+    utterance stops at its own last frame, so padding never changes its result; beam=1 is greedy search with one
+    symbol per frame.
+    """
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise ValueError(f"beam must be an integer >= 1, got {beam!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        enc_out, enc_lens, _ = model.encode(feats, feat_lens)
+        blank, ctx_len = model.blank_id, model.predictor.context
+        B, T, _ = enc_out.shape
+        enc_p = model.joiner.enc_proj(enc_out)  # [B, T, J]
+        # per utterance: {token tuple: log-prob}; the predictor sees the last ctx_len tokens (blank-padded)
+        hyps: list[dict[tuple, float]] = [{(): 0.0} for _ in range(B)]
+        for t in range(T):
+            live = [b for b in range(B) if t < int(enc_lens[b])]
+            if not live:
+                break
+            keys = [(b, ys) for b in live for ys in hyps[b]]
+            ctx = torch.tensor([([blank] * ctx_len + list(ys))[-ctx_len:] for _, ys in keys], dtype=torch.long,
+                               device=enc_out.device)
+            pred_p = model.joiner.pred_proj(model.predictor(ctx, need_pad=False)[:, -1])  # [N, J]
+            rows = torch.tensor([b for b, _ in keys], device=enc_out.device)
+            logp = model.joiner(enc_p[rows, t], pred_p).float().log_softmax(-1)  # [N, V]
+            logp += torch.tensor([hyps[b][ys] for b, ys in keys], dtype=logp.dtype, device=logp.device)[:, None]
+            V = logp.shape[1]
+            start = 0
+            for b in live:
+                n = len(hyps[b])
+                scores, flat = logp[start: start + n].flatten().topk(min(beam, n * V))
+                new: dict[tuple, float] = {}
+                for score, i in zip(scores.tolist(), flat.tolist()):
+                    ys = keys[start + i // V][1]
+                    tok = i % V
+                    key = ys if tok == blank else ys + (tok,)
+                    new[key] = score if key not in new else _log_add(new[key], score)
+                hyps[b] = new
+                start += n
+        best = [max(h.items(), key=lambda kv: kv[1]) for h in hyps]
+        out = [list(ys) for ys, _ in best]
+        return (out, [score for _, score in best]) if return_scores else out
+    finally:
+        model.train(was_training)
+
+
+def _log_add(a: float, b: float) -> float:
+    m = max(a, b)
+    return m + math.log1p(math.exp(-abs(a - b)))
 
 
 def wer(refs: list[str], hyps: list[str]) -> dict:

@@ -10,7 +10,10 @@ Design points that matter for correctness:
 - Stateless predictor (icefall's "stateless decoder"): embedding + 1-D conv over the last `pred_context`
   tokens, left-padded with blank in token space, so training and greedy decoding see identical contexts.
 - The transducer loss never materialises [B, T, U+1, V] beyond `joiner_chunk_elems` elements: the joiner is
-  evaluated in chunks of frames under activation checkpointing (distill.student.rnnt_loss).
+  evaluated in chunks of frames under activation checkpointing (distill.student.rnnt_loss). With
+  rnnt_loss="pruned" it is evaluated on [B, T, prune_range, V] only, windows chosen by a "simple" joiner (two extra
+  linear layers to the vocabulary, created only then, so "full" checkpoints keep their parameter set)
+  (distill.student.pruned_rnnt).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from distill.config import JSONConfig
 from distill.data.alignment import subsampled_length
 from distill.student.kd_losses import build_kd_head
+from distill.student.pruned_rnnt import pruned_loss_scales, pruned_rnnt_loss
 from distill.student.rnnt_loss import rnnt_loss
 
 __all__ = ["StudentConfig", "Transducer", "subsampled_length", "ConformerEncoder", "Conv2dSubsampling",
@@ -55,6 +59,11 @@ class StudentConfig(JSONConfig):
     codebook_size: int = 256
     teacher_dim: int = 1024
     joiner_chunk_elems: int = 1 << 24  # max elements of one chunk of joiner logits/activations in the loss
+    rnnt_loss: str = "full"  # "full" | "pruned" (distill.student.pruned_rnnt)
+    prune_range: int = 5  # symbols per frame the pruned loss keeps (k2/icefall's s_range)
+    simple_loss_scale: float = 0.5  # total = simple_loss_scale * simple + pruned (after the warm-up)
+    prune_warmup_steps: int = 0  # icefall's warm-up of the two scales over this many steps, when compute_loss gets
+    # `step`; 0 = none (the trainer does not pass `step` yet)
 
     def __post_init__(self):
         if self.kd_layer is None:
@@ -78,6 +87,14 @@ class StudentConfig(JSONConfig):
             errors.append(f"kd_type={self.kd_type!r} not in none|mvq|l1|l2")
         if self.kd_stack < 1:
             errors.append(f"kd_stack={self.kd_stack} must be >= 1")
+        if self.rnnt_loss not in ("full", "pruned"):
+            errors.append(f"rnnt_loss={self.rnnt_loss!r} not in full|pruned")
+        if isinstance(self.prune_range, bool) or not isinstance(self.prune_range, int) or self.prune_range < 2:
+            errors.append(f"prune_range={self.prune_range!r} must be an integer >= 2")
+        if not 0.0 <= self.simple_loss_scale <= 1.0:
+            errors.append(f"simple_loss_scale={self.simple_loss_scale} outside [0, 1]")
+        if self.prune_warmup_steps < 0:
+            errors.append(f"prune_warmup_steps={self.prune_warmup_steps} must be >= 0")
         if errors:
             raise ValueError("invalid StudentConfig: " + "; ".join(errors))
 
@@ -257,6 +274,9 @@ class Transducer(nn.Module):
         self.kd_head = build_kd_head(cfg.kd_type, cfg.d_model, stack_k=cfg.kd_stack,
                                      num_codebooks=cfg.num_codebooks, codebook_size=cfg.codebook_size,
                                      teacher_dim=cfg.teacher_dim)
+        if cfg.rnnt_loss == "pruned":  # the simple joiner am[t] + lm[u] that picks the pruned loss's windows
+            self.simple_am_proj = nn.Linear(cfg.d_model, cfg.vocab_size)
+            self.simple_lm_proj = nn.Linear(cfg.pred_dim, cfg.vocab_size)
 
     @property
     def blank_id(self) -> int:
@@ -275,9 +295,9 @@ class Transducer(nn.Module):
                              f"got {feat_lens.tolist()}")
         return self.encoder(feats, feat_lens)
 
-    def transducer_loss(self, enc_out: torch.Tensor, enc_lens: torch.Tensor, targets: torch.Tensor,
-                        target_lens: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        """RNN-T NLL, joiner evaluated in frame chunks of at most `joiner_chunk_elems` elements."""
+    def transducer_losses(self, enc_out: torch.Tensor, enc_lens: torch.Tensor, targets: torch.Tensor,
+                          target_lens: torch.Tensor, reduction: str = "sum") -> dict[str, torch.Tensor]:
+        """{"full": RNN-T NLL} or, for rnnt_loss="pruned", {"simple": ..., "pruned": ...} (unscaled)."""
         B, U = targets.shape
         V, J = self.cfg.vocab_size, self.cfg.joiner_dim
         target_lens = torch.as_tensor(target_lens, device=targets.device)
@@ -289,38 +309,72 @@ class Transducer(nn.Module):
                              f"[0, {V})")
         sos = targets.new_full((B, 1), self.blank_id)
         pred_in = torch.cat([sos, targets.masked_fill(~valid, self.blank_id)], 1)  # [B, U+1]
-        pred_p = self.joiner.pred_proj(self.predictor(pred_in))[:, None]  # [B, 1, U+1, J]
-        enc_p = self.joiner.enc_proj(enc_out)[:, :, None]  # [B, T, 1, J]
+        pred_out = self.predictor(pred_in)  # [B, U+1, pred_dim]
+        pred_p = self.joiner.pred_proj(pred_out)  # [B, U+1, J]
+        enc_p = self.joiner.enc_proj(enc_out)  # [B, T, J]
+        if self.cfg.rnnt_loss == "pruned":
+            def pruned_logits(ranges: torch.Tensor) -> torch.Tensor:  # [B, T, R] -> [B, T, R, V]
+                Bq, T, R = ranges.shape
+                p = pred_p.gather(1, ranges.reshape(Bq, T * R, 1).expand(-1, -1, J)).view(Bq, T, R, J)
+                return self.joiner(enc_p[:, :, None], p)
+
+            simple, pruned = pruned_rnnt_loss(pruned_logits, self.simple_am_proj(enc_out),
+                                              self.simple_lm_proj(pred_out), targets, enc_lens, target_lens,
+                                              prune_range=self.cfg.prune_range, blank=self.blank_id,
+                                              reduction=reduction)
+            return {"simple": simple, "pruned": pruned}
 
         def logits_fn(t0: int, t1: int) -> torch.Tensor:
-            return self.joiner(enc_p[:, t0:t1], pred_p)
+            return self.joiner(enc_p[:, t0:t1, None], pred_p[:, None])
 
         chunk = max(1, self.cfg.joiner_chunk_elems // max(1, B * (U + 1) * max(V, J)))
-        return rnnt_loss(logits_fn, targets, enc_lens, target_lens, blank=self.blank_id, reduction=reduction,
-                         chunk_frames=chunk)
+        return {"full": rnnt_loss(logits_fn, targets, enc_lens, target_lens, blank=self.blank_id,
+                                  reduction=reduction, chunk_frames=chunk)}
+
+    def combine_transducer_losses(self, losses: dict[str, torch.Tensor], step: int | None = None) -> torch.Tensor:
+        """The trained objective: the full NLL, or simple_scale * simple + pruned_scale * pruned (warm-up by step)."""
+        if "full" in losses:
+            return losses["full"]
+        s_scale, p_scale = pruned_loss_scales(step, self.cfg.prune_warmup_steps, self.cfg.simple_loss_scale)
+        return s_scale * losses["simple"] + p_scale * losses["pruned"]
+
+    def transducer_loss(self, enc_out: torch.Tensor, enc_lens: torch.Tensor, targets: torch.Tensor,
+                        target_lens: torch.Tensor, reduction: str = "sum", step: int | None = None) -> torch.Tensor:
+        """RNN-T objective (cfg.rnnt_loss): full NLL with the joiner in frame chunks of at most `joiner_chunk_elems`
+        elements, or the scaled simple + pruned losses."""
+        return self.combine_transducer_losses(
+            self.transducer_losses(enc_out, enc_lens, targets, target_lens, reduction), step)
 
     def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor, targets: torch.Tensor,
-                target_lens: torch.Tensor) -> dict:
-        """-> dict(loss_transducer (summed over the batch), enc_out, enc_lens, kd_hidden, kd_out (head output or None))."""
+                target_lens: torch.Tensor, step: int | None = None) -> dict:
+        """-> dict(loss_transducer (summed over the batch), transducer_parts (unscaled, summed), enc_out, enc_lens,
+        kd_hidden, kd_out (head output or None))."""
         enc_out, enc_lens, kd_hidden = self.encode(feats, feat_lens)
-        loss = self.transducer_loss(enc_out, enc_lens, targets, target_lens, reduction="sum")
+        losses = self.transducer_losses(enc_out, enc_lens, targets, target_lens, reduction="sum")
+        loss = self.combine_transducer_losses(losses, step)
         kd_out = self.kd_head(kd_hidden) if self.kd_head is not None else None
-        return {"loss_transducer": loss, "enc_out": enc_out, "enc_lens": enc_lens, "kd_hidden": kd_hidden,
-                "kd_out": kd_out}
+        return {"loss_transducer": loss, "transducer_parts": losses, "enc_out": enc_out, "enc_lens": enc_lens,
+                "kd_hidden": kd_hidden, "kd_out": kd_out}
 
-    def compute_loss(self, batch: dict, kd_scale: float = 0.0) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, batch: dict, kd_scale: float = 0.0, step: int | None = None) -> tuple[torch.Tensor, dict]:
         """Total loss for a collated batch (distill.data.dataset.collate) and its parts.
 
         Everything is normalised per student encoder frame: transducer NLL summed over the batch / frames, KD loss
         summed over valid teacher frames / student frames, so `kd_scale` plays the role of icefall's
-        codebook_loss_scale (0.1 there for MVQ). total = transducer + kd_scale * kd.
+        codebook_loss_scale (0.1 there for MVQ). total = transducer + kd_scale * kd. With rnnt_loss="pruned",
+        "transducer" is simple_scale * simple + pruned_scale * pruned (scales from `step` during
+        cfg.prune_warmup_steps) and parts also holds the unscaled "simple" and "pruned" NLLs per frame ("pruned"
+        bounds the full NLL from above).
         """
-        out = self(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"])
+        out = self(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"], step=step)
         frames = out["enc_lens"].sum().clamp(min=1)
         transducer = out["loss_transducer"] / frames
         total = transducer
         parts = {"transducer": float(transducer.detach()), "frames": int(frames),
                  "utterances": int(batch["feats"].shape[0])}
+        for name, value in out["transducer_parts"].items():
+            if name != "full":
+                parts[name] = float(value.detach() / frames)
         if self.kd_head is not None and kd_scale:
             if "labels" not in batch:
                 raise ValueError(f"kd_type={self.cfg.kd_type!r} with kd_scale={kd_scale} but the batch has no "

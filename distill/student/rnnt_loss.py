@@ -10,6 +10,8 @@ Two steps:
    size, so peak ~ 2-3 x B*T*(U+1)*V floats. With a joiner callable (`logits_fn(t0, t1)`) the logits are made
    `chunk_frames` frames at a time under activation checkpointing: only one chunk's logits ever exist (in the
    forward and again in the backward, recomputed), so memory is bounded by B*chunk_frames*(U+1)*V regardless of T.
+   The gather itself (`cell_log_probs`) is shared with the pruned loss (distill.student.pruned_rnnt), whose cells
+   carry their own label ids.
 2. `transducer_forward`: alpha recursion over the (t, u) lattice. All cells with t + u = n depend only on
    diagonal n-1, so each of the T+U-1 steps is one vectorised logaddexp over [B, U+1]. Memory O(B*(T+U)*U).
 
@@ -24,7 +26,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["rnnt_loss", "gather_log_probs", "gather_log_probs_chunked", "transducer_forward"]
+__all__ = ["rnnt_loss", "gather_log_probs", "gather_log_probs_chunked", "transducer_forward", "cell_log_probs"]
 
 LogitsFn = Callable[[int, int], torch.Tensor]
 
@@ -57,44 +59,50 @@ def _check_inputs(targets: torch.Tensor, logit_lengths: torch.Tensor, target_len
                                  f"max {int(t.max())}")
 
 
-class _LatticeLogProbs(torch.autograd.Function):
-    """log_softmax over V followed by a gather of the blank and next-label entries, with a one-pass backward.
+class _CellLogProbs(torch.autograd.Function):
+    """log_softmax over V followed by a gather of the blank and one label entry per cell, with a one-pass backward.
 
-    Autograd of logsumexp + two gathers would allocate three [B,T,U+1,V] tensors in backward (two zero-filled
+    logits [B, T, W, V], label_ids [B, T, W] -> (log P(blank) [B, T, W], log P(label_ids) [B, T, W]). W is U+1 for
+    the full lattice (label of cell u = y_{u+1}) and the prune range for the pruned one (distill.student.pruned_rnnt).
+    Autograd of logsumexp + two gathers would allocate three [B,T,W,V] tensors in backward (two zero-filled
     scatter targets and the softmax); here the gradient is written once:
     dL/dlogits = g_blank * (onehot(blank) - p) + g_label * (onehot(y) - p) = -(g_blank + g_label) * p + onehots.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, blank: int):
-        B, T, U1, V = logits.shape
-        lse = torch.logsumexp(logits, dim=-1)  # [B,T,U+1]
-        idx = torch.cat([targets.clamp(0, V - 1), targets.new_full((B, 1), blank)], 1)  # [B,U+1]
-        idx = idx.view(B, 1, U1, 1).expand(B, T, U1, 2).clone()
-        idx[..., 0] = blank  # [...,0]: blank, [...,1]: next label (u < U)
-        picked = logits.gather(-1, idx) - lse.unsqueeze(-1)  # [B,T,U+1,2]
+    def forward(ctx, logits: torch.Tensor, label_ids: torch.Tensor, blank: int):
+        lse = torch.logsumexp(logits, dim=-1)  # [B,T,W]
+        idx = torch.stack([torch.full_like(label_ids, blank), label_ids], -1)  # [B,T,W,2]: blank, label
+        picked = logits.gather(-1, idx) - lse.unsqueeze(-1)
         ctx.save_for_backward(logits, lse, idx)
-        return picked[..., 0], picked[:, :, : U1 - 1, 1]
+        return picked[..., 0], picked[..., 1]
 
     @staticmethod
     def backward(ctx, g_blank: torch.Tensor, g_label: torch.Tensor):
         logits, lse, idx = ctx.saved_tensors
-        B, T, U1, V = logits.shape
-        g = torch.zeros(B, T, U1, 2, dtype=logits.dtype, device=logits.device)
+        g = torch.zeros(idx.shape, dtype=logits.dtype, device=logits.device)
         if g_blank is not None:
             g[..., 0] = g_blank
-        if g_label is not None and U1 > 1:
-            g[:, :, : U1 - 1, 1] = g_label
+        if g_label is not None:
+            g[..., 1] = g_label
         grad = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-g.sum(-1, keepdim=True))
         grad.scatter_add_(-1, idx, g)
         return grad, None, None
 
 
-def _gather(logits: torch.Tensor, targets: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log P(blank) [B,T,U+1], log P(next label) [B,T,U]) without materialising a full log_softmax."""
+def cell_log_probs(logits: torch.Tensor, label_ids: torch.Tensor, blank: int):
+    """(log P(blank), log P(label_ids)) per cell of logits [B, T, W, V]; half inputs are computed in float32."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return _LatticeLogProbs.apply(logits, targets.long(), blank)
+    return _CellLogProbs.apply(logits, label_ids.long(), blank)
+
+
+def _gather(logits: torch.Tensor, targets: torch.Tensor, blank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(blank) [B,T,U+1], log P(next label) [B,T,U]) without materialising a full log_softmax."""
+    B, T, U1, V = logits.shape
+    label_ids = torch.cat([targets.long().clamp(0, V - 1), targets.new_full((B, 1), blank, dtype=torch.long)], 1)
+    lp_blank, lp_label = cell_log_probs(logits, label_ids[:, None].expand(B, T, U1), blank)
+    return lp_blank, lp_label[:, :, : U1 - 1]
 
 
 def gather_log_probs(logits: torch.Tensor, targets: torch.Tensor, blank: int = 0):

@@ -168,8 +168,8 @@ class _LossOf(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict, kd_scale: float):
-        return self.model.compute_loss(batch, kd_scale=kd_scale)
+    def forward(self, batch: dict, kd_scale: float, step: int):
+        return self.model.compute_loss(batch, kd_scale=kd_scale, step=step)
 
 
 def _to_device(batch: dict, dev) -> dict:
@@ -303,17 +303,19 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                                                final_ratio=cfg.final_lr_ratio)
                 opt.zero_grad(set_to_none=True)
                 # over the update, all ranks: loss, transducer, kd, encoder frames, utterances, feature frames
-                sums = torch.zeros(6, dtype=torch.float64)
+                # and, for the pruned loss, its unscaled simple and pruned NLLs
+                sums = torch.zeros(8, dtype=torch.float64)
             batch = _to_device(batch, dev)
             micro += 1
             # accumulation micro-steps keep their gradients local; the update's last one all-reduces them
             sync = contextlib.nullcontext() if micro == A or not rank.distributed else net.no_sync()
             with sync:
                 with devices.autocast(cfg.dtype, dev):
-                    total, parts = net(batch, cfg.kd_scale)
+                    total, parts = net(batch, cfg.kd_scale, step)
                 scaler.scale(total / A if A > 1 else total).backward()
             sums += torch.tensor([parts["total"], parts["transducer"], parts.get("kd", 0.0), parts["frames"],
-                                  len(batch["ids"]), float(batch["feat_lens"].sum())], dtype=torch.float64)
+                                  len(batch["ids"]), float(batch["feat_lens"].sum()), parts.get("simple", 0.0),
+                                  parts.get("pruned", 0.0)], dtype=torch.float64)
             if micro < A:
                 continue
             micro = 0
@@ -334,6 +336,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                    "audio_seconds": round(float(sums[5]) * FRAME_SHIFT_MS / 1000, 2), "time": time.perf_counter() - t_start}
             if "kd" in parts:
                 rec["loss_kd"] = float(sums[2]) / n
+            if "pruned" in parts:  # loss_transducer is then the scaled combination of these two
+                rec["loss_simple"], rec["loss_pruned"] = float(sums[6]) / n, float(sums[7]) / n
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "loss_transducer", "loss_kd") if k in rec})
             if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch):
@@ -383,9 +387,14 @@ def load_student(run_dir: str):
 
 @torch.inference_mode()
 def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None, storage_options=None,
-                   max_seconds: float = 120.0, return_hyps: bool = False, dtype: str = "float32") -> dict:
-    """Greedy-decode `utts` and score WER against their texts (on the model's device, the forward in `dtype`)."""
-    from distill.student.decode import cer, greedy_search, wer
+                   max_seconds: float = 120.0, return_hyps: bool = False, dtype: str = "float32",
+                   decoding: str = "greedy", beam: int = 4) -> dict:
+    """Decode `utts` (greedy, or modified beam search with `beam` hypotheses) and score WER against their texts
+    (on the model's device, the forward in `dtype`)."""
+    from distill.student.decode import cer, greedy_search, modified_beam_search, wer
+
+    if decoding not in ("greedy", "modified_beam_search"):
+        raise ValueError(f"decoding must be 'greedy' or 'modified_beam_search', got {decoding!r}")
 
     was_training = model.training
     model.eval()
@@ -394,8 +403,12 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
     refs, hyps, ids = [], [], []
     dev = next(model.parameters()).device
     for batch in make_loader(ds, sampler):
+        feats, feat_lens = batch["feats"].to(dev), batch["feat_lens"].to(dev)
         with devices.autocast(dtype, dev):
-            out = greedy_search(model, batch["feats"].to(dev), batch["feat_lens"].to(dev))
+            if decoding == "greedy":
+                out = greedy_search(model, feats, feat_lens)
+            else:
+                out = modified_beam_search(model, feats, feat_lens, beam=beam)
         hyps += [tokenizer.decode(h) for h in out]
         refs += [normalize_text(t) for t in batch["texts"]]
         ids += batch["ids"]
@@ -409,7 +422,7 @@ def evaluate_model(model, tokenizer, utts, *, feature_cache: dict | None = None,
 
 
 def evaluate(run_dir: str, manifest, *, storage_options=None, max_seconds: float = 120.0, device: str = "cpu",
-             dtype: str = "float32") -> dict:
+             dtype: str = "float32", decoding: str = "greedy", beam: int = 4) -> dict:
     """WER of the run's last checkpoint on `manifest`, computed on `device` (whatever device trained it)."""
     try:
         devices.check_device(device)
@@ -420,7 +433,7 @@ def evaluate(run_dir: str, manifest, *, storage_options=None, max_seconds: float
     model.to(devices.torch_device(device))
     utts = load_manifest(manifest) if isinstance(manifest, str) else list(manifest)
     return evaluate_model(model, tokenizer, utts, storage_options=storage_options, max_seconds=max_seconds,
-                          dtype=dtype)
+                          dtype=dtype, decoding=decoding, beam=beam)
 
 
 def read_log(path: str) -> list[dict]:
