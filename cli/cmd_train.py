@@ -17,6 +17,16 @@ DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay fl
 @main.command("train-student")
 @click.option("--train", "train_manifest", required=True, help="Training cuts/JSONL manifest (with texts).")
 @click.option("--labels", default=None, help="Label store URL: a CI store (--kd mvq) or float-label store (l1/l2).")
+@click.option("--online-teacher", default=None,
+              help="On-the-fly KD instead of --labels: this teacher (checkpoint path/URL or alias such as "
+                   "whisper-tiny.en) labels every batch on --device while training (the baseline a label store is "
+                   "measured against). Needs --layer; --kd mvq also --quantizer.")
+@click.option("--layer", type=int, default=None, help="--online-teacher: the teacher layer the labels come from.")
+@click.option("--quantizer", default=None, help="--online-teacher with --kd mvq: quantizer file (train-quantizer).")
+@click.option("--teacher-kind", type=click.Choice(["native", "hf", "whisper-ct2", "whisper-openai", "whisper-hf"]),
+              default=None, help="--online-teacher: its format, when detection from the files is ambiguous.")
+@click.option("--teacher-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="--online-teacher: dtype of the teacher's weights (frames come back float32).")
 @click.option("--kd", type=click.Choice(["mvq", "l1", "l2", "none"]), default="mvq", show_default=True)
 @click.option("--kd-scale", default=None, type=float,
               help="Weight of the KD loss (default: 0.1 for mvq, as icefall; 1.0 for l1/l2).")
@@ -51,7 +61,8 @@ DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay fl
               help="Spawn this many local data-parallel processes (gloo on CPU, nccl with one GPU each on CUDA). "
                    "Leave out under torchrun, which sets it.")
 @click.option("--no-progress", is_flag=True)
-def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
+def train_student_cmd(train_manifest, labels, online_teacher, layer, quantizer, teacher_kind, teacher_dtype, kd,
+                      kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
                       warmup_steps, seed, num_workers, threads, feature_cache_mb, student_json, rnnt_loss,
                       prune_range, tokenizer, bpe, storage_options, device, dtype, accum_grad, world_size,
                       no_progress):
@@ -61,6 +72,7 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
     from distill.student.distributed import current_rank
     from distill.student.trainer import TrainConfig, train_student
 
+    spec = _online_teacher_spec(kd, labels, online_teacher, layer, quantizer, teacher_kind, teacher_dtype)
     usable_device(device, dtype=dtype)
     if kd_scale is None:
         kd_scale = 0.1 if kd == "mvq" else 1.0
@@ -88,9 +100,35 @@ def train_student_cmd(train_manifest, labels, kd, kd_scale, dev_manifest, out_di
             raise click.BadParameter(str(e), param_hint="--bpe") from None
     summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
                             student=student, tokenizer=tok, storage_options=so, progress=not no_progress,
-                            device=device, world_size=world_size, log=click.echo)
+                            device=device, world_size=world_size, online_teacher=spec, log=click.echo)
     if current_rank().is_main:  # under torchrun every rank returns; rank 0 speaks for the job
         click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+
+
+def _online_teacher_spec(kd, labels, online_teacher, layer, quantizer, teacher_kind, teacher_dtype):
+    """--online-teacher and its options as an OnlineTeacherSpec (None without it); contradictions refused, each
+    naming its option."""
+    from distill.student.online_teacher import OnlineTeacherSpec
+    from distill.student.trainer import label_source_problem
+
+    if online_teacher is None:
+        given = [opt for opt, v in (("--layer", layer), ("--quantizer", quantizer), ("--teacher-kind", teacher_kind),
+                                    ("--teacher-dtype", teacher_dtype != "float32" or None)) if v is not None]
+        if given:
+            raise click.BadParameter("only applies to on-the-fly KD: add --online-teacher (or leave it out)",
+                                     param_hint=given[0])
+        spec = None
+    else:
+        if layer is None:
+            raise click.BadParameter("--online-teacher needs --layer (the teacher layer the labels come from)",
+                                     param_hint="--layer")
+        spec = OnlineTeacherSpec(teacher=online_teacher, layer=layer, quantizer=quantizer, kind=teacher_kind,
+                                 dtype=teacher_dtype)
+    # without --online-teacher, train_student itself refuses a --kd that has no --labels
+    problem = label_source_problem(kd, labels, spec) if spec is not None else None
+    if problem is not None:
+        raise click.BadParameter(problem[1], param_hint=problem[0])
+    return spec
 
 
 def _with_loss_options(student: dict, rnnt_loss: str | None, prune_range: int | None) -> dict:

@@ -1,4 +1,5 @@
-"""Student training data: features, tokens and KD labels per utterance, streamed from a label store.
+"""Student training data: features, tokens and KD labels per utterance, streamed from a label store (or, for
+on-the-fly KD, the waveforms the trainer's online teacher labels).
 
 The store handle is opened lazily inside each DataLoader worker (CIStore pickles as URL + options), because an
 fsspec/S3-backed zarr array opened before fork is bound to the parent's event loop.
@@ -42,6 +43,7 @@ class Example:
     labels: np.ndarray | None  # [T_student, k*C] int64 (codes) or float32 (floats)
     label_mask: np.ndarray | None  # [T_student, k] bool
     text: str
+    wave: np.ndarray | None = None  # the waveform at the online teacher's rate (KDDataset(audio_rate=...))
 
 
 class KDDataset(Dataset):
@@ -51,11 +53,13 @@ class KDDataset(Dataset):
     Utterances whose extraction failed in the store are dropped up front (listed in `self.dropped`).
     `feature_cache`: None, a `distill.data.feature_cache.FeatureCache` (bounded; training) or a dict (unbounded;
     only for small sets such as a dev set evaluated in-process).
+    `audio_rate`: also hand each example's waveform at this rate (`Example.wave`, `batch["waves"]`), for a teacher
+    that labels batches on the fly (distill.student.online_teacher) instead of a label store.
     """
 
     def __init__(self, manifest, tokenizer, *, labels: str | None = None, storage_options: dict | None = None,
                  subsampling: int = 4, sample_rate: int = 16000, num_mel_bins: int = 80,
-                 feature_cache=None):
+                 feature_cache=None, audio_rate: int | None = None):
         self.utts: list[Utterance] = load_manifest(manifest) if isinstance(manifest, str) else list(manifest)
         self.tokenizer = tokenizer
         self.labels_url = labels
@@ -64,6 +68,7 @@ class KDDataset(Dataset):
         self.sample_rate = sample_rate
         self.num_mel_bins = num_mel_bins
         self.feature_cache = feature_cache
+        self.audio_rate = audio_rate
         self._store = None
         self.dropped: dict[str, str] = {}
         self.k = None
@@ -116,13 +121,15 @@ class KDDataset(Dataset):
             return np.zeros(len(self), dtype=np.int64)
         return np.array([self.store.shard_of(u.id) for u in self.utts], dtype=np.int64)
 
-    def features(self, utt: Utterance) -> np.ndarray:
+    def features(self, utt: Utterance, wave: np.ndarray | None = None) -> np.ndarray:
+        """fbank of `utt` (`wave`: its waveform at `sample_rate`, if already read)."""
         cache = self.feature_cache
         if cache is not None:
             hit = cache.get(utt.id)
             if hit is not None:
                 return hit
-        wave = read_audio(utt, self.sample_rate, storage_options=self.storage_options)
+        if wave is None:
+            wave = read_audio(utt, self.sample_rate, storage_options=self.storage_options)
         feats = compute_fbank(wave, self.sample_rate, self.num_mel_bins)
         if cache is not None:
             cache[utt.id] = feats
@@ -140,7 +147,10 @@ class KDDataset(Dataset):
         return [self._example(u, raw) for u, raw in zip(utts, raws)]
 
     def _example(self, utt: Utterance, raw: np.ndarray | None) -> Example:
-        feats = self.features(utt)
+        wave = None
+        if self.audio_rate is not None:
+            wave = read_audio(utt, self.audio_rate, storage_options=self.storage_options)
+        feats = self.features(utt, wave if self.audio_rate == self.sample_rate else None)
         tokens = self.tokenizer.encode(utt.text or "")
         labels = mask = None
         if raw is not None:
@@ -148,7 +158,7 @@ class KDDataset(Dataset):
                 raw = (raw.astype(np.float32) - self.label_mean) / self.label_std
             labels, mask = align_labels(raw, student_frames(feats.shape[0], self.subsampling), self.k,
                                         utt_id=utt.id)
-        return Example(utt.id, feats, tokens, labels, mask, utt.text or "")
+        return Example(utt.id, feats, tokens, labels, mask, utt.text or "", wave)
 
 
 def float_label_stats(store, ids: list[str], max_frames: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +184,26 @@ def float_label_stats(store, ids: list[str], max_frames: int = 200_000) -> tuple
     return mean.astype(np.float32), np.maximum(std, 1e-3 * max(float(std.max()), 1e-12)).astype(np.float32)
 
 
+def pad_labels(aligned: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of aligned (labels [T_b, k*W], mask [T_b, k]) pairs, padded to the longest T: labels int64 padded
+    with IGNORE (codes) or float32 padded with 0 (floats), mask bool padded with False. One helper for labels read
+    from a store (`collate`) and labels made on the fly (`OnlineTeacher.batch_labels`), so both pad alike."""
+    B = len(aligned)
+    T = max(lab.shape[0] for lab, _ in aligned)
+    W = aligned[0][0].shape[1]
+    k = aligned[0][1].shape[1]
+    is_codes = np.issubdtype(aligned[0][0].dtype, np.integer)
+    labels = torch.full((B, T, W), IGNORE if is_codes else 0.0, dtype=torch.int64 if is_codes else torch.float32)
+    mask = torch.zeros(B, T, k, dtype=torch.bool)
+    for b, (lab, m) in enumerate(aligned):
+        labels[b, : lab.shape[0]] = torch.from_numpy(lab)
+        mask[b, : m.shape[0]] = torch.from_numpy(m)
+    return labels, mask
+
+
 def collate(examples: list[Example]) -> dict:
-    """Pad a batch: feats with 0, tokens with 0 (blank; lengths say where they end), CI labels with -100."""
+    """Pad a batch: feats with 0, tokens with 0 (blank; lengths say where they end), labels (`pad_labels`);
+    waveforms (KDDataset(audio_rate=...)) stay a list, unpadded."""
     B = len(examples)
     feat_lens = torch.tensor([e.feats.shape[0] for e in examples], dtype=torch.int64)
     feats = torch.zeros(B, int(feat_lens.max()), examples[0].feats.shape[1], dtype=torch.float32)
@@ -187,16 +215,7 @@ def collate(examples: list[Example]) -> dict:
     batch = {"ids": [e.id for e in examples], "texts": [e.text for e in examples], "feats": feats,
              "feat_lens": feat_lens, "tokens": tokens, "token_lens": tok_lens}
     if examples[0].labels is not None:
-        T = max(e.labels.shape[0] for e in examples)
-        W = examples[0].labels.shape[1]
-        k = examples[0].label_mask.shape[1]
-        is_codes = np.issubdtype(examples[0].labels.dtype, np.integer)
-        labels = torch.full((B, T, W), IGNORE if is_codes else 0.0,
-                            dtype=torch.int64 if is_codes else torch.float32)
-        mask = torch.zeros(B, T, k, dtype=torch.bool)
-        for b, e in enumerate(examples):
-            labels[b, : e.labels.shape[0]] = torch.from_numpy(e.labels)
-            mask[b, : e.label_mask.shape[0]] = torch.from_numpy(e.label_mask)
-        batch["labels"] = labels
-        batch["label_mask"] = mask
+        batch["labels"], batch["label_mask"] = pad_labels([(e.labels, e.label_mask) for e in examples])
+    if examples[0].wave is not None:
+        batch["waves"] = [e.wave for e in examples]
     return batch

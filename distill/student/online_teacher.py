@@ -9,15 +9,28 @@ from a float32 store, and both are stacked onto the student's frames by `distill
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from distill.data.alignment import IGNORE, align_labels, stack_factor
-from distill.data.dataset import FBANK_RATE, student_frames
+from distill.data.alignment import align_labels, stack_factor
+from distill.data.dataset import FBANK_RATE, pad_labels, student_frames
 
-__all__ = ["OnlineTeacher"]
+__all__ = ["OnlineTeacher", "OnlineTeacherSpec", "load_online_teacher"]
+
+
+@dataclass(frozen=True)
+class OnlineTeacherSpec:
+    """What train-student's --online-teacher options name: the teacher checkpoint (path, URL or Whisper alias),
+    its layer, format and weight dtype, and for MVQ-KD the quantizer file."""
+    teacher: str
+    layer: int
+    quantizer: str | None = None
+    kind: str | None = None  # load_teacher(kind=): None detects the format from the files
+    dtype: str = "float32"  # the teacher's weights (frames come back float32)
 
 
 class OnlineTeacher:
@@ -41,6 +54,15 @@ class OnlineTeacher:
         self.label_mean: np.ndarray | None = None
         self.label_std: np.ndarray | None = None
         self.seconds = 0.0  # wall time spent labelling (teacher + quantizer), for the speed comparison
+
+    def provenance(self, spec: OnlineTeacherSpec | None = None) -> dict:
+        """What the labels depend on, for a run's config.json: a resumed run must be labelled by the same teacher
+        bytes, layer, weight dtype and quantizer (the path may move; the checkpoint sha256 may not)."""
+        q = self.quantizer
+        return {"teacher": spec.teacher if spec else self.teacher.source, "name": self.teacher.name,
+                "checkpoint_sha256": self.teacher.checkpoint_sha256, "layer": self.teacher.layer,
+                "teacher_dtype": self.teacher.dtype, "quantizer": spec.quantizer if spec else None,
+                "quantizer_id": q.quantizer_id if q is not None else None}
 
     @property
     def sample_rate(self) -> int:
@@ -86,19 +108,23 @@ class OnlineTeacher:
     def batch_labels(self, waves: Sequence[np.ndarray], num_fbank: Sequence[int], ids: Sequence[str]):
         """Labels for a collated batch: (labels [B, T, k*W] int64 padded with IGNORE or float32 padded with 0,
         mask [B, T, k] bool), T the longest student frame count - what `collate` puts in a batch from a store."""
-        import time
-
         t0 = time.perf_counter()
         aligned = [align_labels(self.utterance_labels(w), student_frames(int(n), self.subsampling), self.k,
                                 utt_id=uid) for w, n, uid in zip(waves, num_fbank, ids)]
-        B = len(aligned)
-        T = max(a.shape[0] for a, _ in aligned)
-        is_codes = self.kind == "codes"
-        labels = torch.full((B, T, self.k * self.label_width), IGNORE if is_codes else 0.0,
-                            dtype=torch.int64 if is_codes else torch.float32)
-        mask = torch.zeros(B, T, self.k, dtype=torch.bool)
-        for b, (lab, m) in enumerate(aligned):
-            labels[b, : lab.shape[0]] = torch.from_numpy(lab)
-            mask[b, : m.shape[0]] = torch.from_numpy(m)
+        labels, mask = pad_labels(aligned)
         self.seconds += time.perf_counter() - t0
         return labels, mask
+
+
+def load_online_teacher(spec: OnlineTeacherSpec, *, device="cpu", storage_options: dict | None = None,
+                        subsampling: int = 4) -> OnlineTeacher:
+    """The teacher (on `device`, in `spec.dtype`) and quantizer a spec names, ready to label batches."""
+    from distill.codec.quantizer import MultiCodebookQuantizer
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(spec.teacher, layer=spec.layer, device=device, storage_options=storage_options,
+                           kind=spec.kind, dtype=spec.dtype)
+    quantizer = None
+    if spec.quantizer is not None:
+        quantizer = MultiCodebookQuantizer.load(spec.quantizer, device=device, storage_options=storage_options)
+    return OnlineTeacher(teacher, quantizer, subsampling=subsampling)

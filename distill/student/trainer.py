@@ -1,5 +1,8 @@
 """Student training with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD, and its evaluation.
 
+The KD labels come from a label store (`labels`), or from a teacher run on every batch (`online_teacher`,
+distill/student/online_teacher.py): the on-the-fly baseline a store is measured against, which makes the same labels.
+
 A run directory holds everything needed to continue or evaluate it: `config.json` (student + training
 settings), `tokenizer.json`, `last.safetensors` + `last.json` (model, optimizer, RNG, position in the epoch),
 `log.jsonl` (one line per logged step / evaluation) and `curves.png`. Re-running with the same directory
@@ -20,6 +23,7 @@ import torch
 from distill import devices
 from distill.config import JSONConfig
 from distill.student.checkpoint import load_checkpoint, save_checkpoint
+from distill.data.audio import read_audio
 from distill.data.dataset import KDDataset
 from distill.data.fbank import FRAME_SHIFT_MS
 from distill.data.feature_cache import FeatureCache
@@ -30,6 +34,7 @@ from distill.data.tokenizer import CharTokenizer, load_tokenizer, normalize_text
 from distill.student.distributed import (Rank, RankBatches, SpawnedRankError, barrier, current_rank,
                                          init_distributed, spawn, updates_per_epoch)
 from distill.schedule import warmup_cosine_lr
+from distill.student.online_teacher import OnlineTeacherSpec, load_online_teacher
 
 
 class TrainingError(ValueError):
@@ -79,13 +84,17 @@ def build_model(student_cfg: dict):
 def train_student(train_manifest, out_dir: str, *, labels: str | None = None, dev_manifest=None,
                   cfg: TrainConfig | None = None, student: dict | None = None, tokenizer=None,
                   storage_options: dict | None = None, progress: bool = True, stop_after_steps: int | None = None,
-                  device: str = "cpu", world_size: int | None = None, log=print) -> dict:
+                  device: str = "cpu", world_size: int | None = None, online_teacher: OnlineTeacherSpec | None = None,
+                  log=print) -> dict:
     """Train (or resume) a student in `out_dir`; returns the final summary (last losses, dev WER).
+
+    KD labels come from the store at `labels`, or, with `online_teacher`, from that teacher (and quantizer) run on
+    `device` in this process on every batch.
 
     `device`: cpu, cuda or cuda:N (under torch.distributed, cuda means cuda:LOCAL_RANK). `world_size` N > 1 spawns
     N local processes (gloo on CPU, nccl on CUDA) unless this process already is a rank of a job (torchrun)."""
     cfg = cfg or TrainConfig()
-    _check_settings(cfg, labels, device)
+    _check_settings(cfg, labels, device, online_teacher)
     rank = current_rank()
     if world_size is not None and world_size > 1 and not rank.distributed:
         os.makedirs(out_dir, exist_ok=True)
@@ -96,7 +105,7 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
             return spawn(world_size, train_student, (train_manifest, out_dir), dict(
                 labels=labels, dev_manifest=dev_manifest, cfg=cfg, student=student, tokenizer=tokenizer,
                 storage_options=storage_options, progress=progress, stop_after_steps=stop_after_steps,
-                device=device, world_size=None, log=log))
+                device=device, world_size=None, online_teacher=online_teacher, log=log))
         except SpawnedRankError as e:
             raise TrainingError(f"--world-size {world_size}: {e}") from None
     if world_size is not None and rank.world_size != max(world_size, 1):
@@ -114,7 +123,7 @@ def train_student(train_manifest, out_dir: str, *, labels: str | None = None, de
         return _train(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg, student=student,
                       tokenizer=tokenizer, storage_options=storage_options, progress=progress and rank.is_main,
                       stop_after_steps=stop_after_steps, device=device, dev=dev, rank=rank,
-                      log=log if rank.is_main else _quiet)
+                      online_teacher=online_teacher, log=log if rank.is_main else _quiet)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -124,12 +133,35 @@ def _quiet(*_args, **_kw) -> None:
     """Ranks other than 0 print nothing (their messages would repeat rank 0's)."""
 
 
-def _check_settings(cfg: TrainConfig, labels, device: str) -> None:
+def label_source_problem(kd: str, labels, online_teacher: OnlineTeacherSpec | None) -> tuple[str, str] | None:
+    """(option, why) when --kd, --labels, --online-teacher and --quantizer contradict each other; None if they fit.
+    Shared by train-student (a click error on that option) and `train_student` (a TrainingError)."""
+    if labels is not None and online_teacher is not None:
+        return "--online-teacher", ("give --labels (labels read from a store) or --online-teacher (labels made by "
+                                    "the teacher while training), not both")
+    if online_teacher is None:
+        if kd != "none" and labels is None:
+            return "--labels", (f"--kd {kd} needs --labels (a CI store for mvq, a float-label store for l1/l2) or "
+                                f"--online-teacher (a teacher run on every batch)")
+        return None
+    if kd == "none":
+        return "--online-teacher", "--kd none trains without a teacher; choose --kd mvq, l1 or l2 to use one"
+    if kd == "mvq" and online_teacher.quantizer is None:
+        return "--quantizer", ("--kd mvq with --online-teacher needs --quantizer (the quantizer file that turns the "
+                               "teacher's frames into codes)")
+    if kd in ("l1", "l2") and online_teacher.quantizer is not None:
+        return "--quantizer", (f"--kd {kd} trains on the teacher's float frames; --quantizer only applies to "
+                               f"--kd mvq")
+    return None
+
+
+def _check_settings(cfg: TrainConfig, labels, device: str, online_teacher: OnlineTeacherSpec | None = None) -> None:
     """Refuse contradictory or unusable options before any data is read or any process is started."""
     if cfg.kd not in ("none", "mvq", "l1", "l2"):
         raise TrainingError(f"--kd must be none, mvq, l1 or l2, got {cfg.kd!r}")
-    if cfg.kd != "none" and labels is None:
-        raise TrainingError(f"--kd {cfg.kd} needs --labels (a CI store for mvq, a float-label store for l1/l2)")
+    problem = label_source_problem(cfg.kd, labels, online_teacher)
+    if problem is not None:
+        raise TrainingError(problem[1])
     if not isinstance(cfg.accum_grad, int) or cfg.accum_grad < 1:
         raise TrainingError(f"--accum-grad must be an integer >= 1, got {cfg.accum_grad!r}")
     try:
@@ -159,6 +191,28 @@ def _check_resume(saved: dict, cfg: TrainConfig, world_size: int, out_dir: str) 
     if _result_settings(train) != _result_settings(cfg.to_dict()):
         raise TrainingError(f"{out_dir} holds a run with other training settings; use a new directory. "
                             f"saved: {saved['train']}")
+
+
+# what a resumed on-the-fly run must keep: the labels it learns from depend on these (the paths may move)
+_ONLINE_MUST_MATCH = {"checkpoint_sha256": "teacher checkpoint (sha256)", "layer": "--layer",
+                      "teacher_dtype": "--teacher-dtype", "quantizer_id": "--quantizer (id)"}
+
+
+def _check_online_resume(saved: dict, mine: dict | None, out_dir: str) -> None:
+    """A resumed run keeps its label source: the same store-or-teacher choice, and the same teacher and quantizer."""
+    theirs = saved.get("online_teacher")
+    if (theirs is None) != (mine is None):
+        was = (f"--online-teacher {theirs['teacher']} --layer {theirs['layer']}" if theirs is not None
+               else f"--labels {saved.get('labels')}")
+        raise TrainingError(f"the run in {out_dir} was trained with {was} and must resume with it (the labels "
+                            f"would change); use a new --out directory to change it")
+    if theirs is None:
+        return
+    for key, what in _ONLINE_MUST_MATCH.items():
+        if theirs.get(key) != mine.get(key):
+            raise TrainingError(f"--online-teacher {mine['teacher']}: its {what} is {mine.get(key)!r} but the run "
+                                f"in {out_dir} was trained with {theirs.get(key)!r} (teacher {theirs['teacher']}); "
+                                f"resume with the same teacher, or use a new --out directory")
 
 
 class _LossOf(torch.nn.Module):
@@ -192,7 +246,8 @@ def _rng_states(rank: Rank, dev) -> dict:
 
 
 def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConfig, student, tokenizer,
-           storage_options, progress: bool, stop_after_steps, device: str, dev, rank: Rank, log) -> dict:
+           storage_options, progress: bool, stop_after_steps, device: str, dev, rank: Rank, log,
+           online_teacher: OnlineTeacherSpec | None = None) -> dict:
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -208,15 +263,27 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
         tokenizer = CharTokenizer.build([u.text or "" for u in train_utts])
     if not resuming and rank.is_main:
         tokenizer.save(tok_path)
-    ds = KDDataset(train_utts, tokenizer, labels=labels if cfg.kd != "none" else None,
-                   storage_options=storage_options, feature_cache=FeatureCache.from_mb(cfg.feature_cache_mb))
+    # the online teacher runs here, in the main process on the training device; the loader hands it waveforms
+    online = None if online_teacher is None else load_online_teacher(online_teacher, device=dev,
+                                                                     storage_options=storage_options)
+    ds = KDDataset(train_utts, tokenizer, labels=labels if cfg.kd != "none" and online is None else None,
+                   storage_options=storage_options, feature_cache=FeatureCache.from_mb(cfg.feature_cache_mb),
+                   audio_rate=online.sample_rate if online is not None else None)
     if ds.dropped:
         log(f"skipping {len(ds.dropped)} utterance(s) whose labels failed extraction: "
             f"{sorted(ds.dropped)[:5]}")
-    if cfg.kd == "mvq" and ds.kind != "codes":
-        raise TrainingError(f"--kd mvq needs a CI (codes) store, {labels} is a {ds.kind} store")
-    if cfg.kd in ("l1", "l2") and ds.kind != "float":
-        raise TrainingError(f"--kd {cfg.kd} needs a float-label store, {labels} is a {ds.kind} store")
+    source = online if online is not None else ds  # kind, k, label_width, codebook_size of the KD labels
+    if online is None:
+        if cfg.kd == "mvq" and ds.kind != "codes":
+            raise TrainingError(f"--kd mvq needs a CI (codes) store, {labels} is a {ds.kind} store")
+        if cfg.kd in ("l1", "l2") and ds.kind != "float":
+            raise TrainingError(f"--kd {cfg.kd} needs a float-label store, {labels} is a {ds.kind} store")
+    elif online.kind == "float":
+        # standardised with statistics over the training utterances, as float_label_stats takes them from a store
+        by_id = {u.id: u for u in ds.utts}
+        online.fit_stats([u.id for u in ds.utts],
+                         lambda uid: read_audio(by_id[uid], online.sample_rate, storage_options=storage_options))
+        online.seconds = 0.0  # teacher_seconds counts the labelling of training batches only
     cfg_path = os.path.join(out_dir, "config.json")
     session = {"device": device, "world_size": rank.world_size,
                "backend": ("nccl" if dev.type == "cuda" else "gloo") if rank.distributed else None}
@@ -225,16 +292,18 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
             saved = json.load(f)
         student_cfg = saved["student"]
         _check_resume(saved, cfg, rank.world_size, out_dir)
+        _check_online_resume(saved, online.provenance(online_teacher) if online is not None else None, out_dir)
     else:
         student_cfg = dict(student or {})
         student_cfg.update(vocab_size=tokenizer.vocab_size, kd_type=cfg.kd)
         if cfg.kd != "none":
-            student_cfg.update(kd_stack=ds.k)
+            student_cfg.update(kd_stack=source.k)
             if cfg.kd == "mvq":
-                student_cfg.update(num_codebooks=ds.label_width, codebook_size=ds.codebook_size)
+                student_cfg.update(num_codebooks=source.label_width, codebook_size=source.codebook_size)
             else:
-                student_cfg.update(teacher_dim=ds.label_width)
+                student_cfg.update(teacher_dim=source.label_width)
         saved = {"student": student_cfg, "train": cfg.to_dict(), "labels": labels,
+                 "online_teacher": online.provenance(online_teacher) if online is not None else None,
                  "train_manifest": train_manifest if isinstance(train_manifest, str) else None,
                  "runtime": {"world_size": rank.world_size, "sessions": []}}
     torch.manual_seed(cfg.seed)
@@ -305,6 +374,9 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                 # over the update, all ranks: loss, transducer, kd, encoder frames, utterances, feature frames
                 # and, for the pruned loss, its unscaled simple and pruned NLLs
                 sums = torch.zeros(8, dtype=torch.float64)
+            if online is not None:  # on-the-fly KD: the teacher labels this batch now
+                batch["labels"], batch["label_mask"] = online.batch_labels(batch.pop("waves"), batch["feat_lens"],
+                                                                           batch["ids"])
             batch = _to_device(batch, dev)
             micro += 1
             # accumulation micro-steps keep their gradients local; the update's last one all-reduces them
@@ -336,6 +408,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                    "audio_seconds": round(float(sums[5]) * FRAME_SHIFT_MS / 1000, 2), "time": time.perf_counter() - t_start}
             if "kd" in parts:
                 rec["loss_kd"] = float(sums[2]) / n
+            if online is not None:  # this process's labelling time since the session started (like "time")
+                rec["teacher_seconds"] = online.seconds
             if "pruned" in parts:  # loss_transducer is then the scaled combination of these two
                 rec["loss_simple"], rec["loss_pruned"] = float(sums[6]) / n, float(sums[7]) / n
             bar.update(1)
