@@ -419,10 +419,12 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                 rec["loss_simple"], rec["loss_pruned"] = float(sums[6]) / n, float(sums[7]) / n
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "loss_transducer", "loss_kd") if k in rec})
-            if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch):
+            stopping = stop_after_steps is not None and step >= stop_after_steps
+            # a stopped run logs its last step too: the log says where (and after how long) it stopped
+            if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch or stopping):
                 _append(log_path, rec)
             summary.update(rec)
-            if stop_after_steps is not None and step >= stop_after_steps:
+            if stopping:
                 checkpoint(epoch, update_in_epoch)
                 return {**summary, "stopped_early": True}
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
