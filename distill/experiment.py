@@ -399,7 +399,7 @@ def speed_table(summary: dict) -> str:
                     f"{r['full_schedule_from']}, at {sp['steps_per_second']:.2f} steps/s)"
                     if r.get("projected_full_seconds") else "n/a")
         else:
-            full = f"{r['train_seconds']:.0f} (measured)"
+            full = f"{r['train_seconds']:.0f} (measured wall time, with start-up and dev evaluation)"
         lines.append(f"| {run} | {run_label(run)} | {sp['steps']} | {sp['steps_per_second']:.2f} | {teacher} "
                      f"| {ratio} | {full} |")
     return "\n".join(lines)

@@ -83,17 +83,20 @@ def test_cli_max_steps_stops_records_and_resumes(tiny_corpus, tmp_path):
     run, full = tmp_path / "run", tmp_path / "full"
     base = ["train-student", "--train", tiny_corpus["train"], "--kd", "none", "--epochs", "2", "--threads", "1",
             "--max-seconds", "20", "--warmup-steps", "2", "--no-progress", "--student", json.dumps(TINY)]
-    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "2"])
+    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "1"])
     assert res.exit_code == 0, res.output
-    assert json.load(open(run / "last.json"))["step"] == 2
-    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "2"])
+    assert json.load(open(run / "last.json"))["step"] == 1
+    # the stop is logged although step 1 is neither on the log_every (10) grid nor an epoch's end
+    last = [json.loads(line) for line in open(run / "log.jsonl")][-1]
+    assert last["step"] == 1 and last["time"] > 0
+    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "1"])
     assert res.exit_code == 0, res.output
-    assert "nothing to do" in res.output and json.load(open(run / "last.json"))["step"] == 2
+    assert "nothing to do" in res.output and json.load(open(run / "last.json"))["step"] == 1
     sessions = json.load(open(run / "config.json"))["runtime"]["sessions"]
-    assert [(s["step"], s.get("stop_after_steps")) for s in sessions] == [(0, 2), (2, 2)]
+    assert [(s["step"], s.get("stop_after_steps")) for s in sessions] == [(0, 1), (1, 1)]
     assert CliRunner().invoke(main, [*base, "--out", str(run)]).exit_code == 0
     assert CliRunner().invoke(main, [*base, "--out", str(full)]).exit_code == 0
-    assert json.load(open(run / "last.json"))["step"] == json.load(open(full / "last.json"))["step"] > 2
+    assert json.load(open(run / "last.json"))["step"] == json.load(open(full / "last.json"))["step"] > 1
     a, b = _weights(full), _weights(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
