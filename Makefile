@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: anything else lets pip pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,s3,hf,fbank,asr,bench,cluster]'
+	$(PY) -m pip install -q -e '.[dev,s3,hf,fbank,asr,bench,cluster,teacher-demo]'
 	touch $(STAMP)
 
 install: $(STAMP)

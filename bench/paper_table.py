@@ -4,6 +4,10 @@
                                                          # resumable (a re-run continues from the last finished step)
     .venv/bin/python bench/paper_table.py --report-only  # rewrite the report from bench_out/paper10/summary.json
     .venv/bin/python bench/paper_table.py --hours 3 --workdir bench_out/paper --docs docs/results-3h.md  # the 3 h run
+    # the pre-trained teacher (no teacher training), on-the-fly runs timed for 200 steps, three seeds:
+    .venv/bin/python bench/paper_table.py --teacher whisper-tiny.en --teacher-layer 4 \
+        --runs none,l2,mvq,online-l2,online-mvq --online-max-steps 200 --seeds 0,1,2 --multi-seed-runs none,l2,mvq \
+        --workdir bench_out/whisper --docs docs/results-whisper.md        # (not run yet)
 
 Same student, same labelled subset, five runs: no KD, l1 KD and l2 KD (float16 labels from a float store), MVQ-KD
 (CI labels from the CI store, 4 B/frame) and MVQ-KD at 2 B/frame ("mvq2": its own quantizer and CI store, the rate
@@ -25,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill.experiment import Sizes, result_table, run_pipeline, storage_table  # noqa: E402
+from distill.experiment import Sizes, result_table, run_pipeline, speed_table, storage_table  # noqa: E402
 
 EXPERIMENT = Sizes(hours=10.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
                    teacher_layers=6, teacher_epochs=5, teacher_layer=4, num_codebooks=4, sample_utterances=400,
@@ -54,7 +58,8 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
     runs = list(summary["results"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for kd in runs:
-        steps, devs = _read_log(os.path.join(workdir, "students", kd, "log.jsonl"))
+        run_dir = summary["results"][kd].get("run_dir", os.path.join("students", kd))
+        steps, devs = _read_log(os.path.join(workdir, run_dir, "log.jsonl"))
         if steps:
             axes[0].plot([r["step"] for r in steps], [r["loss_transducer"] for r in steps], label=kd, lw=1)
             kd_rows = [r for r in steps if "loss_kd" in r]
@@ -75,6 +80,7 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
 
     fig, axs = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.38
+    runs = [kd for kd in runs if "test" in summary["results"][kd]]  # runs stopped early (timed only) have no WER
     xs = range(len(runs))
     for ax, key, name in ((axs[0], "wer", "WER"), (axs[1], "cer", "CER")):
         for i, split in enumerate(("dev", "test")):
@@ -117,6 +123,18 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
     rel = {k: os.path.relpath(v, os.path.dirname(docs)) for k, v in paths.items()}
     s, t, res = summary["sizes"], summary["timings"], summary["results"]
     teacher = summary.get("teacher", {})
+    if teacher.get("pretrained"):
+        teacher_line = (f"- teacher: pre-trained {teacher.get('name')} ({teacher.get('source')}, "
+                        f"{teacher.get('num_layers')} layers, {teacher.get('dim')}-dim frames at "
+                        f"{teacher.get('frame_rate')} Hz, {teacher.get('parameters') or 0:,} parameters, checkpoint "
+                        f"sha256 {str(teacher.get('checkpoint_sha256'))[:12]}...), not trained here; distilled layer "
+                        f"{s['teacher_layer']}")
+    else:
+        teacher_line = (f"- teacher: native conformer-style CTC model, d_model {s['teacher_d_model']} x "
+                        f"{s['teacher_layers']} layers ({teacher.get('parameters') or 0:,} parameters), "
+                        f"{s['teacher_epochs']} epochs on the teacher split ({teacher.get('steps')} updates); dev CER "
+                        f"{100 * (teacher.get('dev_cer') or 0):.1f}%, dev WER {100 * (teacher.get('dev_wer') or 0):.1f}%"
+                        f" (greedy CTC); distilled layer {s['teacher_layer']}")
     ci = next(r for r in summary["storage"] if r["kind"] == "codes")
     frames = ci["frames"]
     missing = [kd for kd in EXPERIMENT.kd_runs if kd not in res]
@@ -131,10 +149,7 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         f"torch {__import__('torch').__version__} (CPU); date {time.strftime('%Y-%m-%d')}",
         f"- corpus: espeak-ng synthetic English (docs/corpus.md); teacher split {s['hours']} h, student (labelled) "
         f"split {s['student_hours']} h, dev {s['dev_hours']} h, test {s['test_hours']} h; splits share no sentence",
-        f"- teacher: native conformer-style CTC model, d_model {s['teacher_d_model']} x {s['teacher_layers']} layers "
-        f"({teacher.get('parameters') or 0:,} parameters), {s['teacher_epochs']} epochs on the teacher split "
-        f"({teacher.get('steps')} updates); dev CER {100 * (teacher.get('dev_cer') or 0):.1f}%, dev WER "
-        f"{100 * (teacher.get('dev_wer') or 0):.1f}% (greedy CTC); distilled layer {s['teacher_layer']}",
+        teacher_line,
         f"- labels: MVQ codec with {s['num_codebooks']} codebooks x 256 (= {s['num_codebooks']} bytes/frame), "
         f"trained on frames of {s['sample_utterances']} randomly drawn teacher-split utterances; float labels "
         f"stored as float16 (the l1/l2 runs read those) and float32 (for the storage comparison)",
@@ -158,6 +173,13 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         storage_table(summary),
         "",
         f"![storage]({rel['storage']})",
+        "",
+        "## Training speed: labels from a store vs the teacher on the fly",
+        "",
+        "steps/s over each run's first epoch before any dev evaluation (log.jsonl); a run stopped early "
+        "(online_max_steps) reports its full-schedule time as projected from that rate, not measured.",
+        "",
+        speed_table(summary),
         "",
         "## Time per step (wall clock, this machine)",
         "",
@@ -201,7 +223,14 @@ def main(argv=None):
     ap.add_argument("--student-hours", type=float, default=EXPERIMENT.student_hours)
     ap.add_argument("--teacher-epochs", type=int, default=EXPERIMENT.teacher_epochs)
     ap.add_argument("--student-epochs", type=int, default=EXPERIMENT.student_epochs)
-    ap.add_argument("--runs", default=",".join(EXPERIMENT.kd_runs), help="comma-separated KD runs")
+    ap.add_argument("--runs", default=",".join(EXPERIMENT.kd_runs),
+                    help="comma-separated KD runs (none, l1, l2, mvq, mvqN, online-l2, online-mvq)")
+    ap.add_argument("--teacher", default=None, help="pre-trained teacher (path or alias, e.g. whisper-tiny.en) "
+                                                    "instead of training the native one")
+    ap.add_argument("--teacher-layer", type=int, default=EXPERIMENT.teacher_layer)
+    ap.add_argument("--online-max-steps", type=int, default=None, help="stop online-* runs after this many steps")
+    ap.add_argument("--seeds", default="0", help="comma-separated student seeds for --multi-seed-runs")
+    ap.add_argument("--multi-seed-runs", default="", help="comma-separated runs trained once per seed")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from summary.json")
     a = ap.parse_args(argv)
     command = "python bench/paper_table.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
@@ -212,7 +241,10 @@ def main(argv=None):
     else:
         sizes = Sizes(**{**EXPERIMENT.__dict__, "hours": a.hours, "student_hours": a.student_hours,
                          "teacher_epochs": a.teacher_epochs, "student_epochs": a.student_epochs,
-                         "kd_runs": tuple(a.runs.split(","))})
+                         "kd_runs": tuple(a.runs.split(",")), "teacher": a.teacher,
+                         "teacher_layer": a.teacher_layer, "online_max_steps": a.online_max_steps,
+                         "seeds": tuple(int(x) for x in a.seeds.split(",")),
+                         "multi_seed_runs": tuple(x for x in a.multi_seed_runs.split(",") if x)})
         summary = run_pipeline(a.workdir, sizes)
         summary["command"] = command.strip()
         with open(os.path.join(a.workdir, "summary.json"), "w") as f:

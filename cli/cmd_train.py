@@ -60,12 +60,16 @@ DTYPE_HELP = ("Autocast dtype of the forward pass (weights and optimizer stay fl
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="Spawn this many local data-parallel processes (gloo on CPU, nccl with one GPU each on CUDA). "
                    "Leave out under torchrun, which sets it.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop (with a checkpoint) once the run reaches this many updates, e.g. to time a few hundred "
+                   "steps of a long schedule; re-running the command then does nothing, re-running without it "
+                   "continues the schedule. Recorded in config.json's runtime sessions.")
 @click.option("--no-progress", is_flag=True)
 def train_student_cmd(train_manifest, labels, online_teacher, layer, quantizer, teacher_kind, teacher_dtype, kd,
                       kd_scale, dev_manifest, out_dir, epochs, max_seconds, lr,
                       warmup_steps, seed, num_workers, threads, feature_cache_mb, student_json, rnnt_loss,
                       prune_range, tokenizer, bpe, storage_options, device, dtype, accum_grad, world_size,
-                      no_progress):
+                      max_steps, no_progress):
     """Train a transducer student with MVQ-KD (CI labels), l1/l2 KD (float labels) or no KD."""
     from distill.data.manifest import load_manifest
     from distill.data.tokenizer import BPETokenizer, load_tokenizer
@@ -100,7 +104,8 @@ def train_student_cmd(train_manifest, labels, online_teacher, layer, quantizer, 
             raise click.BadParameter(str(e), param_hint="--bpe") from None
     summary = train_student(train_manifest, out_dir, labels=labels, dev_manifest=dev_manifest, cfg=cfg,
                             student=student, tokenizer=tok, storage_options=so, progress=not no_progress,
-                            device=device, world_size=world_size, online_teacher=spec, log=click.echo)
+                            device=device, world_size=world_size, online_teacher=spec, stop_after_steps=max_steps,
+                            log=click.echo)
     if current_rank().is_main:  # under torchrun every rank returns; rank 0 speaks for the job
         click.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
 

@@ -1,9 +1,10 @@
 """The MVQ-KD experiment end to end, as the `ci-store` commands a user would type.
 
-corpus -> teacher (trained on the large split) -> frame sample -> quantizer -> Dask extraction (CI store +
-float16/float32 stores) -> inspect/verify/compare -> students (none / l1 / l2 / mvq) on the small labelled
-split -> WER table. `make demo` runs it small; `bench/paper_table.py` runs it at experiment size.
-Every step is skipped when its output already exists, so an interrupted run continues.
+corpus -> teacher (trained on the large split, or a pre-trained one such as the bundled whisper-tiny.en) -> frame
+sample -> quantizer -> Dask extraction (CI store + float16/float32 stores) -> inspect/verify/compare -> students
+(none / l1 / l2 / mvq from the stores, online-l2 / online-mvq with the teacher in the loop, optionally several
+seeds) on the small labelled split -> WER and speed tables. `make demo` runs it small; `bench/paper_table.py` runs
+it at experiment size. Every step is skipped when its output already exists, so an interrupted run continues.
 """
 from __future__ import annotations
 
@@ -34,9 +35,15 @@ class Sizes:
     student_warmup_steps: int = 50
     student: dict = field(default_factory=lambda: {"d_model": 144, "num_layers": 4, "num_heads": 4})
     rnnt_loss: str | None = None  # train-student --rnnt-loss (full | pruned); None: the command's default (pruned)
-    kd_runs: tuple = ("none", "mvq", "l2")
+    kd_runs: tuple = ("none", "mvq", "l2")  # also mvqN (N codebooks), online-l2 / online-mvq (teacher on the fly)
     seed: int = 0
     workers: int = 2
+    # None: train the native teacher (teacher_* sizes); else a pre-trained teacher's checkpoint path/URL or alias
+    # (e.g. "whisper-tiny.en"), used as is for sample-frames, extract and the online runs
+    teacher: str | None = None
+    online_max_steps: int | None = None  # online-* runs stop after this many updates (train-student --max-steps)
+    seeds: tuple = (0,)  # student seeds of the runs named in multi_seed_runs
+    multi_seed_runs: tuple = ()  # e.g. ("none", "l2", "mvq"): trained once per seed, reported as mean +- std
 
 
 def cli(*args: str, log=print, env=None) -> float:
@@ -67,8 +74,84 @@ def mvq_codebooks(kd: str, sizes: Sizes) -> int | None:
     return None
 
 
+def online_kd(run: str) -> str | None:
+    """KD of an on-the-fly run: 'online-l2' -> 'l2', 'online-mvq' -> 'mvq'; None for a run from a store."""
+    if run.startswith("online-") and run[7:] in ("l1", "l2", "mvq"):
+        return run[7:]
+    return None
+
+
+def student_runs(sizes: Sizes) -> list[tuple[str, int, str]]:
+    """(run, seed, directory under students/) per student to train. A run in multi_seed_runs trains once per seed
+    in sizes.seeds; the one whose seed is sizes.seed keeps the single-seed directory `<run>` (so adding seeds to a
+    finished experiment reuses it), the others go to `<run>-seed<k>`."""
+    out = []
+    for run in sizes.kd_runs:
+        seeds = tuple(sizes.seeds) if run in sizes.multi_seed_runs else (sizes.seed,)
+        for k in seeds:
+            out.append((run, k, run if k == sizes.seed else f"{run}-seed{k}"))
+    return out
+
+
+def check_sizes(sizes: Sizes) -> None:
+    """Refuse contradictory sizes before any step runs (each message names the field)."""
+    for run in sizes.kd_runs:
+        if run not in ("none", "l1", "l2") and mvq_codebooks(run, sizes) is None and online_kd(run) is None:
+            raise ValueError(f"Sizes.kd_runs: unknown run {run!r}; use none, l1, l2, mvq, mvqN, online-l1, "
+                             f"online-l2 or online-mvq")
+    unknown = [r for r in sizes.multi_seed_runs if r not in sizes.kd_runs]
+    if unknown:
+        raise ValueError(f"Sizes.multi_seed_runs names {unknown}, which are not in Sizes.kd_runs {sizes.kd_runs}")
+    if not sizes.seeds or len(set(sizes.seeds)) != len(sizes.seeds):
+        raise ValueError(f"Sizes.seeds {sizes.seeds!r}: give one or more distinct seeds")
+    if sizes.online_max_steps is not None and sizes.online_max_steps < 1:
+        raise ValueError(f"Sizes.online_max_steps {sizes.online_max_steps}: must be >= 1 (or None: full schedule)")
+    if sizes.teacher is None and not 0 <= sizes.teacher_layer <= sizes.teacher_layers:
+        raise ValueError(f"Sizes.teacher_layer {sizes.teacher_layer}: the native teacher has layers "
+                         f"0..{sizes.teacher_layers} (Sizes.teacher_layers)")
+
+
+def pretrained_teacher_info(teacher: str, layer: int) -> dict:
+    """Name, layers, dim, checkpoint sha256 and parameter count of a pre-trained teacher, loaded here once (a few
+    seconds for whisper-tiny.en); a Sizes.teacher_layer it does not have is refused before any step runs."""
+    from distill.teachers import TeacherError, load_teacher
+
+    try:
+        t = load_teacher(teacher, layer=layer)
+    except TeacherError as e:
+        raise ValueError(f"Sizes.teacher {teacher!r} / Sizes.teacher_layer {layer}: {e}") from None
+    meta = t.metadata()
+    return {"pretrained": True, **{k: meta.get(k) for k in ("name", "format", "source", "layer", "num_layers", "dim",
+                                                               "frame_rate", "checkpoint_sha256")},
+            "parameters": sum(p.numel() for p in t.module.parameters())}
+
+
+def train_speed(run_dir: str) -> dict | None:
+    """Training speed of a run from its log.jsonl: the last training record of the first session before any dev
+    evaluation (so neither evaluation nor a restart is counted), whose `time` and `teacher_seconds` run from the
+    session's start at step 0. None when nothing was logged."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "dev_wer" in r or (last is not None and r["time"] < last["time"]):  # an evaluation or a new session
+                break
+            last = r
+    if last is None or not last["time"] > 0:
+        return None
+    out = {"steps": last["step"], "seconds": last["time"], "steps_per_second": last["step"] / last["time"]}
+    if "teacher_seconds" in last:
+        out["teacher_seconds"] = last["teacher_seconds"]
+    return out
+
+
 def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=print) -> dict:
     """Run (or continue) every step in `workdir`; returns timings, storage and WER results."""
+    check_sizes(sizes)
+    pretrained = pretrained_teacher_info(sizes.teacher, sizes.teacher_layer) if sizes.teacher else None
     os.makedirs(workdir, exist_ok=True)
 
     def step(*args: str) -> float:
@@ -90,8 +173,8 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
                                  "--overwrite")
     train_big, train_small = w("corpus", "cuts_train.jsonl.gz"), w("corpus", "cuts_train_small.jsonl.gz")
     dev, test = w("corpus", "cuts_dev.jsonl.gz"), w("corpus", "cuts_test.jsonl.gz")
-    teacher = w("teacher", "teacher.safetensors")
-    if not os.path.exists(teacher):
+    teacher = sizes.teacher or w("teacher", "teacher.safetensors")
+    if pretrained is None and not os.path.exists(teacher):
         os.makedirs(w("teacher"), exist_ok=True)
         timings["teacher"] = step("train-teacher", "--train", train_big, "--dev", dev, "--out", teacher,
                                   "--d-model", str(sizes.teacher_d_model), "--layers", str(sizes.teacher_layers),
@@ -140,40 +223,71 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
                 stores["float16"], stores["float32"]]
     step("compare", *compared, *so_args)
     storage = cli_json("compare", *compared, "--json", *so_args)
+    inspected = cli_json("inspect", stores["ci"], "--json", *so_args)
     results: dict[str, dict] = {}
-    for kd in sizes.kd_runs:
-        run = w("students", kd)
+    for run, seed, name in student_runs(sizes):
+        run_dir = w("students", name)
+        online = online_kd(run)
+        kd = online or run
         n = mvq_codebooks(kd, sizes)
-        args = ["train-student", "--train", train_small, "--kd", "mvq" if n else kd, "--dev", dev, "--out", run,
-                "--epochs", str(sizes.student_epochs), "--seed", str(sizes.seed),
+        args = ["train-student", "--train", train_small, "--kd", "mvq" if n else kd, "--dev", dev, "--out", run_dir,
+                "--epochs", str(sizes.student_epochs), "--seed", str(seed),
                 "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
                 "--student", json.dumps(sizes.student),
                 "--no-progress"]
         if sizes.rnnt_loss:
             args += ["--rnnt-loss", sizes.rnnt_loss]
-        if n:
+        if online:  # the teacher (and for mvq the same quantizer as the CI store's) labels every batch
+            args += ["--online-teacher", teacher, "--layer", layer]
+            if n:
+                args += ["--quantizer", quantizer]
+            if sizes.online_max_steps:
+                args += ["--max-steps", str(sizes.online_max_steps)]
+        elif n:
             args += ["--labels", stores.get(kd, stores["ci"])]
         elif kd in ("l1", "l2"):
             args += ["--labels", stores["float16"]]
-        if kd != "none" and s3:
+        if kd != "none" and not online and s3:
             args += so_args
-        if not os.path.exists(os.path.join(run, "final.json")):
+        if not os.path.exists(os.path.join(run_dir, "final.json")):
             dt = step(*args)
-            with open(os.path.join(run, "final.json"), "w") as f:
+            with open(os.path.join(run_dir, "final.json"), "w") as f:
                 json.dump({"seconds": dt}, f)
-        with open(os.path.join(run, "final.json")) as f:
+        with open(os.path.join(run_dir, "final.json")) as f:
             secs = json.load(f)["seconds"]
-        res = {"train_seconds": secs}
-        for split, man in (("dev", dev), ("test", test)):
-            r = cli_json("evaluate", run, man, "--json")
-            res[split] = {k: r[k] for k in ("wer", "errors", "words", "cer", "char_errors", "chars")}
-        results[kd] = res
-    with open(teacher + ".train.json") as f:
-        t_sum = json.load(f)
-    last = (t_sum.get("history") or [{}])[-1]
-    teacher_info = {"parameters": t_sum.get("parameters"), "train_hours": t_sum.get("train_hours"),
-                    "steps": t_sum.get("steps"), "dev_cer": last.get("dev_cer"), "dev_wer": last.get("dev_wer"),
-                    "checkpoint_sha256": t_sum.get("checkpoint_sha256")}
+        with open(os.path.join(run_dir, "last.json")) as f:
+            ckpt = json.load(f)
+        res = {"train_seconds": secs, "seed": seed, "run_dir": os.path.join("students", name),
+               "steps": ckpt["step"], "speed": train_speed(run_dir)}
+        if ckpt["epoch"] < sizes.student_epochs:  # stopped by --max-steps: timed, not a finished student
+            res["stopped_early"] = True
+        else:
+            scores = os.path.join(run_dir, "scores.json")  # kept: a finished student's scores do not change
+            if not os.path.exists(scores):
+                scored = {}
+                for split, man in (("dev", dev), ("test", test)):
+                    r = cli_json("evaluate", run_dir, man, "--json")
+                    scored[split] = {k: r[k] for k in ("wer", "errors", "words", "cer", "char_errors", "chars")}
+                with open(scores, "w") as f:
+                    json.dump(scored, f)
+            with open(scores) as f:
+                res.update(json.load(f))
+        if run in sizes.multi_seed_runs:
+            entry = results.setdefault(run, res)  # the run's own fields: its first seed, as a single-seed run
+            entry.setdefault("seeds", {})[str(seed)] = {k: v for k, v in res.items() if k != "seeds"}
+        else:
+            results[run] = res
+    _project_online_runs(results)
+    if pretrained is not None:
+        # what produced the stored labels, as the CI store records it, and the parameter count loaded above
+        teacher_info = {**pretrained, **(inspected.get("teacher") or {})}
+    else:
+        with open(teacher + ".train.json") as f:
+            t_sum = json.load(f)
+        last = (t_sum.get("history") or [{}])[-1]
+        teacher_info = {"parameters": t_sum.get("parameters"), "train_hours": t_sum.get("train_hours"),
+                        "steps": t_sum.get("steps"), "dev_cer": last.get("dev_cer"), "dev_wer": last.get("dev_wer"),
+                        "checkpoint_sha256": t_sum.get("checkpoint_sha256")}
     summary = {"sizes": dataclasses.asdict(sizes), "timings": timings, "teacher": teacher_info, "storage": storage,
                "results": results, "stores": stores}
     with open(w("summary.json"), "w") as f:
@@ -181,27 +295,113 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     return summary
 
 
-def result_table(summary: dict) -> str:
-    """Markdown: WER per run and relative WER reduction vs no KD (test set)."""
-    res = summary["results"]
-    base = res.get("none")
-    lines = ["| run | labels | dev WER % | test WER % | rel. WER reduction vs no KD (test) | dev CER % | test CER % "
-             "| rel. CER reduction vs no KD (test) | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    labels = {"none": "-", "mvq": "CI store", "l1": "float16 store", "l2": "float16 store"}
+def _project_online_runs(results: dict) -> None:
+    """Each on-the-fly run stopped early gets its full schedule's step count and, from its measured steps/s, the
+    projected training time of that schedule. The schedule is the no-KD run's (same seed): neither reads a store,
+    so their batch sampler draws the same batches; without one, a store run's (whose shards may regroup the batches,
+    so the count can differ by a few)."""
+    for run, r in results.items():
+        if not online_kd(run) or not r.get("speed"):
+            continue
+        if not r.get("stopped_early"):
+            r["full_schedule_steps"], r["full_schedule_from"] = r["steps"], run
+            continue
+        done = {o: x for o, x in results.items() if not x.get("stopped_early") and x.get("seed") == r["seed"]}
+        ref = "none" if "none" in done else online_kd(run) if online_kd(run) in done else next(iter(done), None)
+        if ref is None:
+            continue
+        r["full_schedule_steps"], r["full_schedule_from"] = done[ref]["steps"], ref
+        r["projected_full_seconds"] = done[ref]["steps"] / r["speed"]["steps_per_second"]
 
-    def rel(kd, r, key):
-        if not base or kd == "none" or not base["test"].get(key):
-            return "-"
-        return f"{100 * (base['test'][key] - r['test'][key]) / base['test'][key]:+.1f}%"
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return m, var ** 0.5
+
+
+def _per_seed(r: dict) -> list[dict]:
+    return list(r["seeds"].values()) if r.get("seeds") else [r]
+
+
+def run_label(run: str) -> str:
+    """The 'labels' column: where a run's KD labels come from."""
+    fixed = {"none": "-", "mvq": "CI store", "l1": "float16 store", "l2": "float16 store"}
+    if run in fixed:
+        return fixed[run]
+    if online_kd(run):
+        return "teacher on the fly" + (", MVQ codes" if online_kd(run) == "mvq" else ", float")
+    return f"CI store, {run[3:]} B/frame" if run.startswith("mvq") else ""
+
+
+def result_table(summary: dict) -> str:
+    """Markdown: WER per run and relative WER reduction vs no KD (test set). A run trained with several seeds shows
+    mean +- sample std over its seeds (the reduction: of the means); a run stopped early (on-the-fly runs with
+    online_max_steps) has no WER, only its speed (speed_table)."""
+    res = summary["results"]
+
+    def stat(r: dict, split: str, key: str) -> tuple[float, float, int] | None:
+        vals = [x[split][key] for x in _per_seed(r) if split in x and key in x[split]]
+        return (*_mean_std(vals), len(vals)) if vals else None
 
     def pct(r, split, key):
-        return f"{100 * r[split][key]:.2f}" if key in r[split] else "n/a"
+        st = stat(r, split, key)
+        if st is None:
+            return "n/a"
+        m, sd, n = st
+        return f"{100 * m:.2f} ± {100 * sd:.2f}" if n > 1 else f"{100 * m:.2f}"
 
-    for kd, r in res.items():
-        label = labels.get(kd) or (f"CI store, {kd[3:]} B/frame" if kd.startswith("mvq") else "")
-        lines.append(f"| {kd} | {label} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
-                     f"| {rel(kd, r, 'wer')} | {pct(r, 'dev', 'cer')} | {pct(r, 'test', 'cer')} "
-                     f"| {rel(kd, r, 'cer')} | {r['train_seconds']:.0f} |")
+    def rel(run, r, key):
+        b = stat(res["none"], "test", key) if "none" in res else None
+        x = stat(r, "test", key)
+        if run == "none" or not b or not b[0] or x is None:
+            return "-"
+        return f"{100 * (b[0] - x[0]) / b[0]:+.1f}%"
+
+    lines = ["| run | labels | dev WER % | test WER % | rel. WER reduction vs no KD (test) | dev CER % | test CER % "
+             "| rel. CER reduction vs no KD (test) | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, r in res.items():
+        seeds = _per_seed(r)
+        name = f"{run} ({len(seeds)} seeds)" if len(seeds) > 1 else run
+        if r.get("stopped_early"):
+            secs = f"stopped after {r['steps']} steps ({r['train_seconds']:.0f} s)"
+        else:
+            m, sd = _mean_std([x["train_seconds"] for x in seeds])
+            secs = f"{m:.0f} ± {sd:.0f}" if len(seeds) > 1 else f"{m:.0f}"
+        lines.append(f"| {name} | {run_label(run)} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
+                     f"| {rel(run, r, 'wer')} | {pct(r, 'dev', 'cer')} | {pct(r, 'test', 'cer')} "
+                     f"| {rel(run, r, 'cer')} | {secs} |")
+    return "\n".join(lines)
+
+
+def speed_table(summary: dict) -> str:
+    """Markdown: training steps/s per run (first epoch, no evaluation: train_speed), the teacher's share of an
+    on-the-fly run's time, its speed relative to the same KD from a store, and its full-schedule training time
+    (projected from steps/s when the run was stopped early)."""
+    res = summary["results"]
+    lines = ["| run | labels | steps timed | steps/s | teacher s (share) | on the fly / store | full-schedule "
+             "train time (s) |", "|---|---|---|---|---|---|---|"]
+    for run, r in res.items():
+        sp = r.get("speed")
+        if not sp:
+            lines.append(f"| {run} | {run_label(run)} | - | n/a | - | - | - |")
+            continue
+        teacher = "-"
+        if "teacher_seconds" in sp:
+            teacher = f"{sp['teacher_seconds']:.1f} ({100 * sp['teacher_seconds'] / sp['seconds']:.0f}%)"
+        ratio = "-"
+        store = res.get(online_kd(run) or "")
+        if online_kd(run) and store and store.get("speed"):
+            ratio = f"{sp['steps_per_second'] / store['speed']['steps_per_second']:.2f}x (vs {online_kd(run)})"
+        if r.get("stopped_early"):
+            full = (f"{r['projected_full_seconds']:.0f} (projected: {r['full_schedule_steps']} steps, as "
+                    f"{r['full_schedule_from']}, at {sp['steps_per_second']:.2f} steps/s)"
+                    if r.get("projected_full_seconds") else "n/a")
+        else:
+            full = f"{r['train_seconds']:.0f} (measured wall time, with start-up and dev evaluation)"
+        lines.append(f"| {run} | {run_label(run)} | {sp['steps']} | {sp['steps_per_second']:.2f} | {teacher} "
+                     f"| {ratio} | {full} |")
     return "\n".join(lines)
 
 

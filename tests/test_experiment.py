@@ -8,7 +8,7 @@ import pytest
 from ci_store import open_store
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import normalize_text
-from distill.experiment import Sizes, result_table, run_pipeline, storage_table
+from distill.experiment import Sizes, result_table, run_pipeline, speed_table, storage_table, student_runs
 from distill.student.trainer import evaluate_model, load_student
 from scoring import edit_distance
 
@@ -94,3 +94,112 @@ def test_rerun_resumes_without_redoing_work(pipeline):
     assert ran == []
     assert again["timings"] == summary["timings"]
     assert {k: v["test"] for k, v in again["results"].items()} == {k: v["test"] for k, v in summary["results"].items()}
+
+
+# The bundled pre-trained teacher (no teacher training) and an on-the-fly run stopped after a few steps.
+WHISPER = Sizes(**{**TINY.__dict__, "teacher": "whisper-tiny.en", "teacher_layer": 2,
+                   "kd_runs": ("none", "mvq", "online-mvq"), "online_max_steps": 1})
+
+
+@pytest.fixture(scope="module")
+def whisper_pipeline(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed; the project needs it: `make sysdeps` (apt-get install espeak-ng)")
+    work = str(tmp_path_factory.mktemp("exp_whisper"))
+    lines: list[str] = []
+    summary = run_pipeline(work, WHISPER, log=lines.append)
+    return work, summary, lines
+
+
+def test_pretrained_teacher_pipeline_runs_every_step(whisper_pipeline):
+    from distill.teachers import load_teacher
+
+    work, summary, lines = whisper_pipeline
+    assert not any(line.startswith("$ ci-store train-teacher") for line in lines)
+    assert not os.path.exists(os.path.join(work, "teacher"))
+    for cmd in ("make-corpus", "sample-frames", "train-quantizer", "extract", "verify", "compare", "train-student"):
+        assert any(line.startswith(f"$ ci-store {cmd} ") for line in lines), cmd
+    assert any(line.startswith("$ ci-store sample-frames ") and "--teacher whisper-tiny.en --layer 2" in line
+               for line in lines)
+    online = [line for line in lines if "--online-teacher" in line]
+    assert len(online) == 1
+    for part in ("--kd mvq ", "--online-teacher whisper-tiny.en --layer 2 --quantizer ", "--max-steps 1"):
+        assert part in online[0], part
+    assert "--labels" not in online[0]
+    # the teacher entry describes the pre-trained teacher, as the CI store records it
+    t = summary["teacher"]
+    ref = load_teacher("whisper-tiny.en", layer=2)
+    assert t["pretrained"] and t["name"] == ref.name and t["checkpoint_sha256"] == ref.checkpoint_sha256
+    assert (t["layer"], t["num_layers"], t["dim"]) == (2, 4, 384)
+    assert t["parameters"] == sum(p.numel() for p in ref.module.parameters())
+    assert open_store(summary["stores"]["ci"]).teacher["checkpoint_sha256"] == ref.checkpoint_sha256
+    by = {x["label"]: x for x in summary["storage"]}
+    assert by[f"CI {WHISPER.num_codebooks}xuint8"]["dim"] == 384
+    for run in ("none", "mvq"):
+        r = summary["results"][run]
+        assert r["test"]["words"] > 0 and not r.get("stopped_early")
+        assert r["speed"]["steps_per_second"] > 0 and "teacher_seconds" not in r["speed"]
+
+
+def test_online_run_reports_its_speed(whisper_pipeline):
+    work, summary, _ = whisper_pipeline
+    r = summary["results"]["online-mvq"]
+    assert r["stopped_early"] and r["steps"] == 1 and "test" not in r
+    log = [json.loads(line) for line in open(os.path.join(work, "students", "online-mvq", "log.jsonl"))]
+    assert r["speed"]["steps"] == log[-1]["step"] == 1
+    assert r["speed"]["steps_per_second"] == pytest.approx(1 / log[-1]["time"])
+    assert 0 < r["speed"]["teacher_seconds"] == log[-1]["teacher_seconds"] < log[-1]["time"]
+    # projected from the no-KD run's schedule (same seed, no store: the same batches)
+    full = summary["results"]["none"]["steps"]
+    assert r["full_schedule_steps"] == full > 1 and r["full_schedule_from"] == "none"
+    assert r["projected_full_seconds"] == pytest.approx(full / r["speed"]["steps_per_second"])
+    table = speed_table(summary)
+    row = next(line for line in table.splitlines() if line.startswith("| online-mvq |"))
+    ratio = r["speed"]["steps_per_second"] / summary["results"]["mvq"]["speed"]["steps_per_second"]
+    assert f"{ratio:.2f}x (vs mvq)" in row and "projected" in row
+    row = next(line for line in result_table(summary).splitlines() if line.startswith("| online-mvq |"))
+    assert "teacher on the fly" in row and "stopped after 1 steps" in row
+
+
+def test_pretrained_teacher_pipeline_resumes(whisper_pipeline):
+    work, summary, _ = whisper_pipeline
+    lines: list[str] = []
+    again = run_pipeline(work, WHISPER, log=lines.append)
+    assert [line for line in lines if line.startswith(("$ ci-store train-student", "$ ci-store make-corpus",
+                                                       "$ ci-store sample-frames", "$ ci-store train-quantizer"))] == []
+    assert again["timings"] == summary["timings"]
+    assert again["results"] == summary["results"]
+
+
+def test_teacher_layer_out_of_range_is_refused_before_any_step(tmp_path):
+    with pytest.raises(ValueError, match="teacher_layer 9.*0..4"):
+        run_pipeline(str(tmp_path / "w"), Sizes(**{**WHISPER.__dict__, "teacher_layer": 9}), log=lambda _: None)
+    assert not os.path.exists(tmp_path / "w")
+    with pytest.raises(ValueError, match="multi_seed_runs"):
+        run_pipeline(str(tmp_path / "w"), Sizes(multi_seed_runs=("l1",)), log=lambda _: None)
+
+
+def _entry(wer, cer=0.5, secs=10.0, **kw):
+    return {"train_seconds": secs, "dev": {"wer": wer, "cer": cer}, "test": {"wer": wer, "cer": cer}, **kw}
+
+
+def test_result_table_aggregates_seeds():
+    seeds = {"0": _entry(0.30), "1": _entry(0.40), "2": _entry(0.50)}
+    summary = {"results": {"none": {**seeds["0"], "seeds": seeds}, "mvq": _entry(0.20),
+                           "online-l2": {"train_seconds": 3.0, "steps": 5, "stopped_early": True}}}
+    table = result_table(summary).splitlines()
+    none = next(line for line in table if line.startswith("| none (3 seeds) |"))
+    assert "| 40.00 ± 10.00 |" in none  # mean and sample std of 30, 40, 50 %
+    assert "| 10 ± 0 |" in none
+    mvq = next(line for line in table if line.startswith("| mvq |"))
+    assert "| 20.00 |" in mvq and "| +50.0% |" in mvq  # relative to the seeds' mean, 40 %
+    online = next(line for line in table if line.startswith("| online-l2 |"))
+    assert "teacher on the fly" in online and "n/a" in online and "stopped after 5 steps" in online
+
+
+def test_multi_seed_runs_keep_the_single_seed_directory_for_the_base_seed():
+    sizes = Sizes(kd_runs=("none", "l2", "online-mvq"), seeds=(0, 1, 2), multi_seed_runs=("none", "l2"))
+    assert student_runs(sizes) == [("none", 0, "none"), ("none", 1, "none-seed1"), ("none", 2, "none-seed2"),
+                                   ("l2", 0, "l2"), ("l2", 1, "l2-seed1"), ("l2", 2, "l2-seed2"),
+                                   ("online-mvq", 0, "online-mvq")]
+    assert student_runs(TINY) == [(kd, 0, kd) for kd in TINY.kd_runs]  # one seed: the layout as before

@@ -71,3 +71,34 @@ def test_resume_refuses_changed_settings(tiny_corpus, tmp_path):
 def test_kd_without_labels_is_refused(tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="needs --labels"):
         train_student(tiny_corpus["train"], str(tmp_path / "r"), cfg=_cfg(kd="mvq"), student=TINY, progress=False)
+
+
+def test_cli_max_steps_stops_records_and_resumes(tiny_corpus, tmp_path):
+    """train-student --max-steps N: stops at update N with a checkpoint; the same command again does nothing; without
+    it the run continues to the end of its schedule, as one uninterrupted run does."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    run, full = tmp_path / "run", tmp_path / "full"
+    base = ["train-student", "--train", tiny_corpus["train"], "--kd", "none", "--epochs", "2", "--threads", "1",
+            "--max-seconds", "20", "--warmup-steps", "2", "--no-progress", "--student", json.dumps(TINY)]
+    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(run / "last.json"))["step"] == 1
+    # the stop is logged although step 1 is neither on the log_every (10) grid nor an epoch's end
+    last = [json.loads(line) for line in open(run / "log.jsonl")][-1]
+    assert last["step"] == 1 and last["time"] > 0
+    res = CliRunner().invoke(main, [*base, "--out", str(run), "--max-steps", "1"])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output and json.load(open(run / "last.json"))["step"] == 1
+    sessions = json.load(open(run / "config.json"))["runtime"]["sessions"]
+    assert [(s["step"], s.get("stop_after_steps")) for s in sessions] == [(0, 1), (1, 1)]
+    assert CliRunner().invoke(main, [*base, "--out", str(run)]).exit_code == 0
+    assert CliRunner().invoke(main, [*base, "--out", str(full)]).exit_code == 0
+    assert json.load(open(run / "last.json"))["step"] == json.load(open(full / "last.json"))["step"] > 1
+    a, b = _weights(full), _weights(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), "--max-steps", "0"])
+    assert res.exit_code != 0 and "--max-steps" in res.output

@@ -329,6 +329,8 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
             scaler.load_state_dict(meta["grad_scaler"])
         update_in_epoch = meta.get("update_in_epoch", meta.get("batch_in_epoch", 0))
         log(f"resuming {out_dir} at epoch {epoch}, step {step}")
+    if stop_after_steps is not None:  # recorded so the run directory says why it ended where it did
+        session["stop_after_steps"] = stop_after_steps
     if rank.is_main:
         saved.setdefault("runtime", {"world_size": 1}).setdefault("sessions", []).append({**session, "step": step})
         with open(cfg_path, "w") as f:
@@ -347,6 +349,9 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                                       find_unused_parameters=model.kd_head is not None and not cfg.kd_scale)
     t_start = time.perf_counter()
     summary: dict = {}
+    if stop_after_steps is not None and step >= stop_after_steps:  # re-running a stopped run (--max-steps) is a no-op
+        log(f"{out_dir} is at step {step}, already at the stop after {stop_after_steps} steps; nothing to do")
+        return {"step": step, "stopped_early": True}
     # one loader for the run (persistent workers); each epoch re-points its batch sampler (set_epoch below)
     mine = RankBatches(sampler, rank=rank.rank, world_size=W, accum=A)
     loader = make_loader(ds, mine, num_workers=cfg.num_workers, seed=cfg.seed)
@@ -414,10 +419,12 @@ def _train(train_manifest, out_dir: str, *, labels, dev_manifest, cfg: TrainConf
                 rec["loss_simple"], rec["loss_pruned"] = float(sums[6]) / n, float(sums[7]) / n
             bar.update(1)
             bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "loss_transducer", "loss_kd") if k in rec})
-            if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch):
+            stopping = stop_after_steps is not None and step >= stop_after_steps
+            # a stopped run logs its last step too: the log says where (and after how long) it stopped
+            if rank.is_main and (step % cfg.log_every == 0 or update_in_epoch == per_epoch or stopping):
                 _append(log_path, rec)
             summary.update(rec)
-            if stop_after_steps is not None and step >= stop_after_steps:
+            if stopping:
                 checkpoint(epoch, update_in_epoch)
                 return {**summary, "stopped_early": True}
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
