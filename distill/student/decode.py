@@ -8,10 +8,24 @@ with the same token sequence are merged by adding their probabilities.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
 __all__ = ["greedy_search", "modified_beam_search", "wer", "cer"]
+
+
+@contextmanager
+def _encoded(model, feats: torch.Tensor, feat_lens: torch.Tensor):
+    """The model in eval mode (restored afterwards): yields (encoder output projected for the joiner [B, T, J],
+    encoder lengths [B]), what both searches start from."""
+    was_training = model.training
+    model.eval()
+    try:
+        enc_out, enc_lens, _ = model.encode(feats, feat_lens)
+        yield model.joiner.enc_proj(enc_out), enc_lens
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -19,14 +33,10 @@ def greedy_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, max_sym_p
     """Token ids per utterance for a padded batch feats [B, T, F], feat_lens [B] (model run in eval mode)."""
     if max_sym_per_frame < 1:
         raise ValueError(f"max_sym_per_frame must be >= 1, got {max_sym_per_frame}")
-    was_training = model.training
-    model.eval()
-    try:
-        enc_out, enc_lens, _ = model.encode(feats, feat_lens)
+    with _encoded(model, feats, feat_lens) as (enc_p, enc_lens):
         blank, ctx_len = model.blank_id, model.predictor.context
-        B, T, _ = enc_out.shape
-        enc_p = model.joiner.enc_proj(enc_out)  # [B, T, J]
-        context = torch.full((B, ctx_len), blank, dtype=torch.long, device=enc_out.device)
+        B, T, _ = enc_p.shape
+        context = torch.full((B, ctx_len), blank, dtype=torch.long, device=enc_p.device)
         pred_p = model.joiner.pred_proj(model.predictor(context, need_pad=False)[:, -1])  # [B, J]
         hyps: list[list[int]] = [[] for _ in range(B)]
         for t in range(T):
@@ -45,8 +55,6 @@ def greedy_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, max_sym_p
                 pred_p[rows] = model.joiner.pred_proj(model.predictor(context[rows], need_pad=False)[:, -1])
                 active = emit
         return hyps
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -62,13 +70,9 @@ def modified_beam_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, be
     """
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise ValueError(f"beam must be an integer >= 1, got {beam!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        enc_out, enc_lens, _ = model.encode(feats, feat_lens)
+    with _encoded(model, feats, feat_lens) as (enc_p, enc_lens):
         blank, ctx_len = model.blank_id, model.predictor.context
-        B, T, _ = enc_out.shape
-        enc_p = model.joiner.enc_proj(enc_out)  # [B, T, J]
+        B, T, _ = enc_p.shape
         # per utterance: {token tuple: log-prob}; the predictor sees the last ctx_len tokens (blank-padded)
         hyps: list[dict[tuple, float]] = [{(): 0.0} for _ in range(B)]
         for t in range(T):
@@ -77,9 +81,9 @@ def modified_beam_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, be
                 break
             keys = [(b, ys) for b in live for ys in hyps[b]]
             ctx = torch.tensor([([blank] * ctx_len + list(ys))[-ctx_len:] for _, ys in keys], dtype=torch.long,
-                               device=enc_out.device)
+                               device=enc_p.device)
             pred_p = model.joiner.pred_proj(model.predictor(ctx, need_pad=False)[:, -1])  # [N, J]
-            rows = torch.tensor([b for b, _ in keys], device=enc_out.device)
+            rows = torch.tensor([b for b, _ in keys], device=enc_p.device)
             logp = model.joiner(enc_p[rows, t], pred_p).float().log_softmax(-1)  # [N, V]
             logp += torch.tensor([hyps[b][ys] for b, ys in keys], dtype=logp.dtype, device=logp.device)[:, None]
             V = logp.shape[1]
@@ -98,8 +102,6 @@ def modified_beam_search(model, feats: torch.Tensor, feat_lens: torch.Tensor, be
         best = [max(h.items(), key=lambda kv: kv[1]) for h in hyps]
         out = [list(ys) for ys, _ in best]
         return (out, [score for _, score in best]) if return_scores else out
-    finally:
-        model.train(was_training)
 
 
 def _log_add(a: float, b: float) -> float:
