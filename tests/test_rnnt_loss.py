@@ -6,8 +6,10 @@ import torch
 from distill.student.rnnt_loss import rnnt_loss
 
 
-def brute_force_nll(logits: torch.Tensor, targets: list[int], blank: int = 0) -> torch.Tensor:
-    """-log sum over every alignment of one utterance; logits [T, U+1, V] (already trimmed to its lengths)."""
+def brute_force_nll(logits: torch.Tensor, targets: list[int], blank: int = 0, windows=None) -> torch.Tensor:
+    """-log sum over every alignment of one utterance; logits [T, U+1, V] (already trimmed to its lengths).
+    windows: per frame t, the symbol positions u allowed at (t, u) (pruned RNN-T); only alignments whose every node
+    lies inside them count. None: all alignments."""
     T, U1, _ = logits.shape
     U = U1 - 1
     lp = logits.log_softmax(-1)
@@ -15,8 +17,9 @@ def brute_force_nll(logits: torch.Tensor, targets: list[int], blank: int = 0) ->
     # an alignment = positions of the U label emissions among the T-1+U moves before the final blank
     for label_pos in itertools.combinations(range(T - 1 + U), U):
         t = u = 0
-        s = logits.new_zeros(())
+        s, inside = logits.new_zeros(()), True
         for step in range(T - 1 + U):
+            inside &= windows is None or u in windows[t]
             if step in label_pos:
                 s = s + lp[t, u, targets[u]]
                 u += 1
@@ -24,7 +27,8 @@ def brute_force_nll(logits: torch.Tensor, targets: list[int], blank: int = 0) ->
                 s = s + lp[t, u, blank]
                 t += 1
         assert (t, u) == (T - 1, U)
-        scores.append(s + lp[T - 1, U, blank])
+        if inside and (windows is None or U in windows[T - 1]):
+            scores.append(s + lp[T - 1, U, blank])
     return -torch.logsumexp(torch.stack(scores), 0)
 
 
