@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto's threaded server) for object-storage tests."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto's threaded server) for object-storage tests, a tiny synthetic
+corpus, and one-thread torch for tiny models."""
 import os
 import uuid
 
@@ -39,3 +40,15 @@ def tiny_corpus(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("corpus") / "c"
     return make_corpus(str(out), hours=0.006, dev_hours=0.002, test_hours=0.002, seed=3, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models run faster on one thread than on two contended ones on the
+    shared CI cores (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,12 +6,7 @@ from distill.student.decode import greedy_search, modified_beam_search
 from distill.student.model import StudentConfig, Transducer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int, **kw) -> Transducer:

@@ -8,12 +8,7 @@ from distill.student.kd_losses import (IGNORE_INDEX, MVQKDHead, RegressionKDHead
                                regression_kd_loss)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ci_batch(g, B=2, T=6, k=2, N=3, K=5, lens=(6, 4)):

@@ -11,13 +11,7 @@ from distill.student.model import StudentConfig, Transducer, subsampled_length
 from distill.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer, normalize_text
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster than two contended ones on the shared CI cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> StudentConfig:
