@@ -20,14 +20,19 @@ TINY = Sizes(hours=0.02, student_hours=0.01, dev_hours=0.005, test_hours=0.005, 
              rnnt_loss="pruned")  # train-student's default, named here so the test keeps meaning it
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def _run(tmp_path_factory, name: str, sizes: Sizes):
+    """(workdir, summary, printed lines) of a whole pipeline run in a fresh directory."""
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is not installed; the project needs it: `make sysdeps` (apt-get install espeak-ng)")
-    work = str(tmp_path_factory.mktemp("exp"))
+    work = str(tmp_path_factory.mktemp(name))
     lines: list[str] = []
-    summary = run_pipeline(work, TINY, log=lines.append)
+    summary = run_pipeline(work, sizes, log=lines.append)
     return work, summary, lines
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return _run(tmp_path_factory, "exp", TINY)
 
 
 def test_every_step_ran_and_results_are_complete(pipeline):
@@ -103,12 +108,7 @@ WHISPER = Sizes(**{**TINY.__dict__, "teacher": "whisper-tiny.en", "teacher_layer
 
 @pytest.fixture(scope="module")
 def whisper_pipeline(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is not installed; the project needs it: `make sysdeps` (apt-get install espeak-ng)")
-    work = str(tmp_path_factory.mktemp("exp_whisper"))
-    lines: list[str] = []
-    summary = run_pipeline(work, WHISPER, log=lines.append)
-    return work, summary, lines
+    return _run(tmp_path_factory, "exp_whisper", WHISPER)
 
 
 def test_pretrained_teacher_pipeline_runs_every_step(whisper_pipeline):
