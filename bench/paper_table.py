@@ -1,21 +1,20 @@
-"""The MVQ-KD experiment in miniature (issue 6) -> docs/results.md + docs/results/*.png.
+"""The MVQ-KD experiment in miniature (issues 6 and 18) -> docs/results.md + docs/results/*.png.
 
-    .venv/bin/python bench/paper_table.py                # docs/results.md: 10 h teacher split, 1 h 22 min on 2 cores;
+    .venv/bin/python bench/paper_table.py                # docs/results.md: Whisper tiny.en teacher, ~2 h on 2 cores;
                                                          # resumable (a re-run continues from the last finished step)
-    .venv/bin/python bench/paper_table.py --report-only  # rewrite the report from bench_out/paper10/summary.json
-    .venv/bin/python bench/paper_table.py --hours 3 --workdir bench_out/paper --docs docs/results-3h.md  # the 3 h run
-    # the pre-trained teacher (no teacher training), on-the-fly runs timed for 200 steps, three seeds:
-    .venv/bin/python bench/paper_table.py --teacher whisper-tiny.en --teacher-layer 4 \
-        --runs none,l2,mvq,online-l2,online-mvq --online-max-steps 200 --seeds 0,1,2 --multi-seed-runs none,l2,mvq \
-        --workdir bench_out/whisper --docs docs/results-whisper.md        # (not run yet)
+    .venv/bin/python bench/paper_table.py --report-only  # rewrite the report from bench_out/whisper/summary.json
+    .venv/bin/python bench/paper_table.py --teacher native --workdir bench_out/paper10 --docs docs/results-native-10h.md
+                                                         # the earlier experiment: a native teacher trained on 10 h
 
-Same student, same labelled subset, five runs: no KD, l1 KD and l2 KD (float16 labels from a float store), MVQ-KD
-(CI labels from the CI store, 4 B/frame) and MVQ-KD at 2 B/frame ("mvq2": its own quantizer and CI store, the rate
-at which a 256-dim teacher's labels are more than 256x smaller than float32). The teacher is trained on the large
-split only; the students see only the small split. Everything runs through `ci-store` commands
-(distill/experiment.py prints each one as typed), so the numbers in the report come from exactly the code a user
-runs. Reports WER on dev/test, relative WER reduction vs no KD, label storage (CI vs float16/float32, with and
-without the quantizer kept inside the CI store), extraction time, and plots: training curves, WER bars, storage bars.
+The default run: the bundled pre-trained Whisper tiny.en teacher (not trained here) labels a synthetic corpus; a
+small sweep picks the distilled layer (one short MVQ student per layer, best dev CER); then, on the same 1 h
+labelled split and the same budget, students with no KD, l1 and l2 KD (float16 labels from a float store), MVQ-KD
+at 4 B/frame and 8 B/frame (CI stores), three seeds for none / l2 / mvq, and the two on-the-fly runs (the teacher
+labels every batch: online-l2, online-mvq) timed for a fixed number of steps beside their timing twins (the same
+KD from the store, same steps, run alone right before). Everything runs through `ci-store` commands
+(distill/experiment.py prints each one as typed), so the report's numbers come from exactly the code a user runs:
+WER/CER (mean +- std over seeds), label storage (and the same extrapolated to LibriSpeech 960 h / GigaSpeech 10k h),
+training speed from a store vs on the fly, extraction time once vs teacher time per epoch, and plots.
 """
 from __future__ import annotations
 
@@ -26,15 +25,26 @@ import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill.experiment import Sizes, result_table, run_pipeline, speed_table, storage_table  # noqa: E402
+from distill.experiment import (Sizes, difference_table, extraction_table, extrapolation_table,  # noqa: E402
+                                make_corpus, mean_std, per_seed, result_table, run_pipeline, speed_table,
+                                storage_table)
 
-EXPERIMENT = Sizes(hours=10.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
-                   teacher_layers=6, teacher_epochs=5, teacher_layer=4, num_codebooks=4, sample_utterances=400,
-                   student_epochs=12, student_max_seconds=30.0, student_warmup_steps=50,
-                   kd_runs=("none", "l1", "l2", "mvq", "mvq2"))
+EXPERIMENT = Sizes(hours=1.2, student_hours=1.0, dev_hours=0.1, test_hours=0.15, teacher="whisper-tiny.en",
+                   teacher_layer=4, num_codebooks=4, sample_utterances=400, student_epochs=10,
+                   student_max_seconds=30.0, student_warmup_steps=50, rnnt_loss="pruned",
+                   kd_runs=("none", "l1", "l2", "mvq", "mvq8", "online-l2", "online-mvq"), online_max_steps=100,
+                   seeds=(0, 1, 2), multi_seed_runs=("none", "l2", "mvq"), parallel_runs=2)
+SWEEP_LAYERS = (2, 3, 4)  # Whisper tiny.en's encoder has 4 layers; layer 1 is too close to the fbank input
+SWEEP_EPOCHS = 3
+# `--teacher native`: the earlier experiment (docs/results-native-10h.md), a native teacher trained on 10 h
+NATIVE = Sizes(hours=10.0, student_hours=0.3, dev_hours=0.05, test_hours=0.1, teacher_d_model=256,
+               teacher_layers=6, teacher_epochs=5, teacher_layer=4, num_codebooks=4, sample_utterances=400,
+               student_epochs=12, student_max_seconds=30.0, student_warmup_steps=50, rnnt_loss="full",
+               kd_runs=("none", "l1", "l2", "mvq", "mvq2"))
 
 
 def _read_log(path: str) -> tuple[list[dict], list[dict]]:
@@ -78,17 +88,19 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
     fig.savefig(paths["curves"], dpi=110)
     plt.close(fig)
 
-    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.38
     runs = [kd for kd in runs if "test" in summary["results"][kd]]  # runs stopped early (timed only) have no WER
     xs = range(len(runs))
     for ax, key, name in ((axs[0], "wer", "WER"), (axs[1], "cer", "CER")):
         for i, split in enumerate(("dev", "test")):
-            vals = [100 * summary["results"][kd][split].get(key, float("nan")) for kd in runs]
-            bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=split)
+            stats = [mean_std([100 * x[split][key] for x in per_seed(summary["results"][kd])]) for kd in runs]
+            bars = ax.bar([x + (i - 0.5) * width for x in xs], [m for m, _ in stats], width, label=split,
+                          yerr=[sd for _, sd in stats], capsize=3)
             ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set_xticks(list(xs), runs)
-        ax.set(ylabel=f"{name} %", title=f"student {name} by KD method")
+        ax.set_xticks(list(xs), [f"{kd}\n({len(per_seed(summary['results'][kd]))} seeds)"
+                                 if len(per_seed(summary["results"][kd])) > 1 else kd for kd in runs])
+        ax.set(ylabel=f"{name} %", title=f"student {name} by KD method (mean, error bar: std over seeds)")
         ax.legend()
     fig.tight_layout()
     paths["wer"] = os.path.join(out_dir, "wer_bars.png")
@@ -117,6 +129,72 @@ def plots(summary: dict, workdir: str, out_dir: str) -> dict[str, str]:
     return paths
 
 
+def layer_sweep(workdir: str, base: Sizes, layers: tuple, epochs: int) -> dict:
+    """Pick the distilled layer: per layer, the teacher's frames, a quantizer and a CI store (each made alone, so
+    the extraction time is clean), then one short MVQ student per layer (`parallel_runs` at a time) on the shared
+    corpus; the best dev CER wins. Resumable like the pipeline; the chosen layer's quantizer and stores are reused by
+    the main run (same corpus, sample, codebooks and seed make them the same files)."""
+    make_corpus(workdir, base)
+    common = {"teacher_layer": None, "student_epochs": epochs, "seeds": (base.seed,), "multi_seed_runs": (),
+              "online_max_steps": None}
+
+    def sizes_for(layer: int, runs: tuple) -> Sizes:
+        return Sizes(**{**base.__dict__, **common, "teacher_layer": layer, "kd_runs": runs})
+
+    def prepared(layer: int) -> str:
+        d = os.path.join(workdir, "sweep", f"layer-{layer}")
+        os.makedirs(d, exist_ok=True)
+        if not os.path.exists(os.path.join(d, "corpus")):
+            os.symlink(os.path.abspath(os.path.join(workdir, "corpus")), os.path.join(d, "corpus"))
+        return d
+
+    for layer in layers:  # frames, quantizer and extraction: one layer at a time
+        run_pipeline(prepared(layer), sizes_for(layer, ()))
+
+    def student(layer: int) -> tuple[int, dict]:
+        s = run_pipeline(prepared(layer), Sizes(**{**sizes_for(layer, ("mvq",)).__dict__,
+                                                   "threads": max(1, base.threads // base.parallel_runs)}))
+        r = s["results"]["mvq"]
+        return layer, {"dev_wer": r["dev"]["wer"], "dev_cer": r["dev"]["cer"], "test_wer": r["test"]["wer"],
+                       "test_cer": r["test"]["cer"], "steps": r["steps"], "train_seconds": r["train_seconds"]}
+
+    with ThreadPoolExecutor(max(1, base.parallel_runs)) as ex:
+        by_layer = dict(ex.map(student, layers))
+    chosen = min(by_layer, key=lambda k: by_layer[k]["dev_cer"])
+    sweep = {"layers": {str(k): v for k, v in by_layer.items()}, "chosen": chosen, "epochs": epochs,
+             "num_codebooks": base.num_codebooks}
+    with open(os.path.join(workdir, "sweep", "sweep.json"), "w") as f:
+        json.dump(sweep, f, indent=1)
+    return sweep
+
+
+def reuse_sweep_outputs(workdir: str, layer: int) -> None:
+    """Point the main run's quantizer/ and labels/ at the chosen sweep layer's (identical inputs, so identical
+    files; the pipeline then skips those steps) and carry their measured times over."""
+    src = os.path.join(workdir, "sweep", f"layer-{layer}")
+    for name in ("quantizer", "labels"):
+        if not os.path.exists(os.path.join(workdir, name)) and os.path.exists(os.path.join(src, name)):
+            os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(workdir, name))
+    path, src_t = os.path.join(workdir, "timings.json"), os.path.join(src, "timings.json")
+    timings = json.load(open(path)) if os.path.exists(path) else {}
+    if os.path.exists(src_t):
+        for k, v in json.load(open(src_t)).items():
+            if k != "corpus":
+                timings.setdefault(k, v)
+        with open(path, "w") as f:
+            json.dump(timings, f, indent=1)
+
+
+def sweep_table(sweep: dict) -> str:
+    lines = ["| layer | dev WER % | dev CER % | test WER % | test CER % | updates | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for k, r in sweep["layers"].items():
+        mark = " (chosen)" if int(k) == sweep["chosen"] else ""
+        lines.append(f"| {k}{mark} | {100 * r['dev_wer']:.2f} | {100 * r['dev_cer']:.2f} | {100 * r['test_wer']:.2f} "
+                     f"| {100 * r['test_cer']:.2f} | {r['steps']} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def report(summary: dict, workdir: str, docs: str, command: str) -> str:
     img_dir = os.path.splitext(docs)[0]  # docs/results.md -> docs/results/*.png: one image folder per report
     paths = plots(summary, workdir, img_dir)
@@ -137,7 +215,9 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
                         f" (greedy CTC); distilled layer {s['teacher_layer']}")
     ci = next(r for r in summary["storage"] if r["kind"] == "codes")
     frames = ci["frames"]
-    missing = [kd for kd in EXPERIMENT.kd_runs if kd not in res]
+    missing = [kd for kd in s["kd_runs"] if kd not in res]
+    sweep = summary.get("layer_sweep")
+    n_seeds = max(len(per_seed(r)) for r in res.values()) if res else 1
     lines = [
         "# Results: MVQ-KD in miniature",
         "",
@@ -153,14 +233,32 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         f"- labels: MVQ codec with {s['num_codebooks']} codebooks x 256 (= {s['num_codebooks']} bytes/frame), "
         f"trained on frames of {s['sample_utterances']} randomly drawn teacher-split utterances; float labels "
         f"stored as float16 (the l1/l2 runs read those) and float32 (for the storage comparison)",
-        f"- student: transducer {json.dumps(s['student'])}, {s['student_epochs']} epochs, "
-        f"{s['student_max_seconds']} s of audio per batch, warmup {s['student_warmup_steps']} steps, seed {s['seed']}; "
-        "KD scale: 0.1 for mvq (icefall's), 1.0 for l1/l2",
+        f"- student: transducer {json.dumps(s['student'])} ({s.get('rnnt_loss') or 'default'} RNN-T loss), "
+        f"{s['student_epochs']} epochs, {s['student_max_seconds']} s of audio per batch, warmup "
+        f"{s['student_warmup_steps']} steps, seed {s['seed']}"
+        + (f" (and seeds {', '.join(str(k) for k in s['seeds'])} for {', '.join(s['multi_seed_runs'])})"
+           if s.get("multi_seed_runs") and n_seeds > 1 else "")
+        + "; KD scale: 0.1 for mvq (icefall's), 1.0 for l1/l2; "
+        f"{s.get('parallel_runs', 1)} students from stores trained at a time with "
+        f"{max(1, s.get('threads', 2) // s.get('parallel_runs', 1))} torch thread(s) each",
+        *([] if not sweep else [
+            "",
+            "## Distilled layer: a small sweep",
+            "",
+            f"One MVQ student ({sweep['num_codebooks']} codebooks, {sweep['epochs']} epochs, seed {s['seed']}) per "
+            f"teacher layer, same corpus and labelled split; the layer with the best dev CER is distilled below.",
+            "",
+            sweep_table(sweep)]),
         "",
         "## Student WER and CER",
         "",
         *([f"**Incomplete: runs not in this report: {', '.join(missing)}.**", ""] if missing else []),
         result_table(summary),
+        "",
+        "Differences on the test set, in percentage points, with the standard error of the difference "
+        "(sqrt(sd_a^2/n_a + sd_b^2/n_b), sd over seeds):",
+        "",
+        difference_table(summary),
         "",
         f"![WER bars]({rel['wer']})",
         "",
@@ -172,14 +270,25 @@ def report(summary: dict, workdir: str, docs: str, command: str) -> str:
         "",
         storage_table(summary),
         "",
+        "The same label bytes per frame at full corpus size (frames at the teacher's rate; the quantizer added once):",
+        "",
+        extrapolation_table(summary),
+        "",
         f"![storage]({rel['storage']})",
         "",
         "## Training speed: labels from a store vs the teacher on the fly",
         "",
         "steps/s over each run's first epoch before any dev evaluation (log.jsonl); a run stopped early "
-        "(online_max_steps) reports its full-schedule time as projected from that rate, not measured.",
+        "(online_max_steps) reports its full-schedule time as projected from that rate, not measured. Students "
+        "trained in parallel share the cores, so their steps/s are lower than a run alone; the on-the-fly runs "
+        "and their timing twins (`timed-*`: the same KD from the store, same steps, same threads) ran one at a "
+        "time, back to back, and their ratio is the comparison to read.",
         "",
         speed_table(summary),
+        "",
+        "Labelling once vs labelling every epoch:",
+        "",
+        extraction_table(summary),
         "",
         "## Time per step (wall clock, this machine)",
         "",
@@ -217,20 +326,25 @@ def _hand_written_notes(docs: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="bench_out/paper10")
+    ap.add_argument("--workdir", default="bench_out/whisper")
     ap.add_argument("--docs", default="docs/results.md")
-    ap.add_argument("--hours", type=float, default=EXPERIMENT.hours)
-    ap.add_argument("--student-hours", type=float, default=EXPERIMENT.student_hours)
-    ap.add_argument("--teacher-epochs", type=int, default=EXPERIMENT.teacher_epochs)
-    ap.add_argument("--student-epochs", type=int, default=EXPERIMENT.student_epochs)
-    ap.add_argument("--runs", default=",".join(EXPERIMENT.kd_runs),
-                    help="comma-separated KD runs (none, l1, l2, mvq, mvqN, online-l2, online-mvq)")
-    ap.add_argument("--teacher", default=None, help="pre-trained teacher (path or alias, e.g. whisper-tiny.en) "
-                                                    "instead of training the native one")
-    ap.add_argument("--teacher-layer", type=int, default=EXPERIMENT.teacher_layer)
+    ap.add_argument("--teacher", default=EXPERIMENT.teacher,
+                    help="pre-trained teacher (path or alias), or 'native' to train one first (the earlier experiment)")
+    ap.add_argument("--teacher-layer", type=int, default=None,
+                    help="distilled layer (default: the sweep's choice; 'native': its layer 4)")
+    ap.add_argument("--sweep-layers", default=",".join(map(str, SWEEP_LAYERS)),
+                    help="comma-separated layers of the layer sweep ('' to skip it: then give --teacher-layer)")
+    ap.add_argument("--sweep-epochs", type=int, default=SWEEP_EPOCHS)
+    ap.add_argument("--hours", type=float, default=None)
+    ap.add_argument("--student-hours", type=float, default=None)
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--student-epochs", type=int, default=None)
+    ap.add_argument("--runs", default=None, help="comma-separated KD runs (none, l1, l2, mvq, mvqN, online-l2, "
+                                                 "online-mvq); default: " + ",".join(EXPERIMENT.kd_runs))
     ap.add_argument("--online-max-steps", type=int, default=None, help="stop online-* runs after this many steps")
-    ap.add_argument("--seeds", default="0", help="comma-separated student seeds for --multi-seed-runs")
-    ap.add_argument("--multi-seed-runs", default="", help="comma-separated runs trained once per seed")
+    ap.add_argument("--seeds", default=None, help="comma-separated student seeds for --multi-seed-runs")
+    ap.add_argument("--multi-seed-runs", default=None, help="comma-separated runs trained once per seed")
+    ap.add_argument("--parallel-runs", type=int, default=None, help="students from stores trained at a time")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from summary.json")
     a = ap.parse_args(argv)
     command = "python bench/paper_table.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
@@ -239,13 +353,25 @@ def main(argv=None):
             summary = json.load(f)
         command = summary.get("command", command)
     else:
-        sizes = Sizes(**{**EXPERIMENT.__dict__, "hours": a.hours, "student_hours": a.student_hours,
-                         "teacher_epochs": a.teacher_epochs, "student_epochs": a.student_epochs,
-                         "kd_runs": tuple(a.runs.split(",")), "teacher": a.teacher,
-                         "teacher_layer": a.teacher_layer, "online_max_steps": a.online_max_steps,
-                         "seeds": tuple(int(x) for x in a.seeds.split(",")),
-                         "multi_seed_runs": tuple(x for x in a.multi_seed_runs.split(",") if x)})
+        native = a.teacher == "native"
+        base = NATIVE if native else Sizes(**{**EXPERIMENT.__dict__, "teacher": a.teacher})
+        given = {"hours": a.hours, "student_hours": a.student_hours, "teacher_epochs": a.teacher_epochs,
+                 "student_epochs": a.student_epochs, "online_max_steps": a.online_max_steps,
+                 "parallel_runs": a.parallel_runs, "teacher_layer": a.teacher_layer,
+                 "kd_runs": tuple(a.runs.split(",")) if a.runs else None,
+                 "seeds": tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None,
+                 "multi_seed_runs": (tuple(x for x in a.multi_seed_runs.split(",") if x)
+                                     if a.multi_seed_runs is not None else None)}
+        sizes = Sizes(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
+        sweep = None
+        layers = tuple(int(x) for x in a.sweep_layers.split(",") if x)
+        if not native and a.teacher_layer is None and layers:
+            sweep = layer_sweep(a.workdir, sizes, layers, a.sweep_epochs)
+            sizes = Sizes(**{**sizes.__dict__, "teacher_layer": sweep["chosen"]})
+            reuse_sweep_outputs(a.workdir, sweep["chosen"])
         summary = run_pipeline(a.workdir, sizes)
+        if sweep:
+            summary["layer_sweep"] = sweep
         summary["command"] = command.strip()
         with open(os.path.join(a.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,8 @@ class Sizes:
     online_max_steps: int | None = None  # online-* runs stop after this many updates (train-student --max-steps)
     seeds: tuple = (0,)  # student seeds of the runs named in multi_seed_runs
     multi_seed_runs: tuple = ()  # e.g. ("none", "l2", "mvq"): trained once per seed, reported as mean +- std
+    threads: int = 2  # torch threads of the students trained at once, together
+    parallel_runs: int = 1  # students from stores trained at once, threads // parallel_runs each
 
 
 def cli(*args: str, log=print, env=None) -> float:
@@ -81,12 +84,20 @@ def online_kd(run: str) -> str | None:
     return None
 
 
+def timed_kd(run: str) -> str | None:
+    """KD of a timing twin: 'timed-mvq' -> 'mvq' (the store-based run timed beside 'online-mvq'); else None."""
+    return run[6:] if run.startswith("timed-") and online_kd("online-" + run[6:]) else None
+
+
 def student_runs(sizes: Sizes) -> list[tuple[str, int, str]]:
     """(run, seed, directory under students/) per student to train. A run in multi_seed_runs trains once per seed
     in sizes.seeds; the one whose seed is sizes.seed keeps the single-seed directory `<run>` (so adding seeds to a
-    finished experiment reuses it), the others go to `<run>-seed<k>`."""
+    finished experiment reuses it), the others go to `<run>-seed<k>`. An on-the-fly run stopped after
+    online_max_steps is preceded by its timing twin `timed-<kd>`: the same KD from the store for the same steps."""
     out = []
     for run in sizes.kd_runs:
+        if online_kd(run) and sizes.online_max_steps:
+            out.append((f"timed-{online_kd(run)}", sizes.seed, f"timed-{online_kd(run)}"))
         seeds = tuple(sizes.seeds) if run in sizes.multi_seed_runs else (sizes.seed,)
         for k in seeds:
             out.append((run, k, run if k == sizes.seed else f"{run}-seed{k}"))
@@ -104,6 +115,9 @@ def check_sizes(sizes: Sizes) -> None:
         raise ValueError(f"Sizes.multi_seed_runs names {unknown}, which are not in Sizes.kd_runs {sizes.kd_runs}")
     if not sizes.seeds or len(set(sizes.seeds)) != len(sizes.seeds):
         raise ValueError(f"Sizes.seeds {sizes.seeds!r}: give one or more distinct seeds")
+    for name in ("threads", "parallel_runs"):
+        if getattr(sizes, name) < 1:
+            raise ValueError(f"Sizes.{name} {getattr(sizes, name)}: must be >= 1")
     if sizes.online_max_steps is not None and sizes.online_max_steps < 1:
         raise ValueError(f"Sizes.online_max_steps {sizes.online_max_steps}: must be >= 1 (or None: full schedule)")
     if sizes.teacher is None and not 0 <= sizes.teacher_layer <= sizes.teacher_layers:
@@ -148,6 +162,17 @@ def train_speed(run_dir: str) -> dict | None:
     return out
 
 
+def make_corpus(workdir: str, sizes: Sizes, log=print) -> float | None:
+    """Synthesise `workdir`/corpus unless it is there (then None; else its wall time). Separate from run_pipeline so
+    several pipelines (a layer sweep) can share one corpus."""
+    corpus = os.path.join(workdir, "corpus")
+    if os.path.exists(os.path.join(corpus, "cuts_test.jsonl.gz")):
+        return None
+    return cli("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours", str(sizes.student_hours),
+               "--dev-hours", str(sizes.dev_hours), "--test-hours", str(sizes.test_hours), "--seed", str(sizes.seed),
+               "--workers", str(sizes.workers), "--overwrite", log=log)
+
+
 def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=print) -> dict:
     """Run (or continue) every step in `workdir`; returns timings, storage and WER results."""
     check_sizes(sizes)
@@ -165,12 +190,9 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
         with open(timings_path, "w") as f:
             json.dump(timings, f, indent=1)
 
-    corpus = w("corpus")
-    if not os.path.exists(w("corpus", "cuts_test.jsonl.gz")):
-        timings["corpus"] = step("make-corpus", corpus, "--hours", str(sizes.hours), "--student-hours",
-                                 str(sizes.student_hours), "--dev-hours", str(sizes.dev_hours), "--test-hours",
-                                 str(sizes.test_hours), "--seed", str(sizes.seed), "--workers", str(sizes.workers),
-                                 "--overwrite")
+    t_corpus = make_corpus(workdir, sizes, log=log)
+    if t_corpus is not None:
+        timings["corpus"] = t_corpus
     train_big, train_small = w("corpus", "cuts_train.jsonl.gz"), w("corpus", "cuts_train_small.jsonl.gz")
     dev, test = w("corpus", "cuts_dev.jsonl.gz"), w("corpus", "cuts_test.jsonl.gz")
     teacher = sizes.teacher or w("teacher", "teacher.safetensors")
@@ -224,16 +246,15 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
     step("compare", *compared, *so_args)
     storage = cli_json("compare", *compared, "--json", *so_args)
     inspected = cli_json("inspect", stores["ci"], "--json", *so_args)
-    results: dict[str, dict] = {}
-    for run, seed, name in student_runs(sizes):
-        run_dir = w("students", name)
+
+    def student_args(run: str, seed: int, run_dir: str, threads: int) -> list[str]:
         online = online_kd(run)
-        kd = online or run
+        kd = online or timed_kd(run) or run
         n = mvq_codebooks(kd, sizes)
         args = ["train-student", "--train", train_small, "--kd", "mvq" if n else kd, "--dev", dev, "--out", run_dir,
                 "--epochs", str(sizes.student_epochs), "--seed", str(seed),
                 "--max-seconds", str(sizes.student_max_seconds), "--warmup-steps", str(sizes.student_warmup_steps),
-                "--student", json.dumps(sizes.student),
+                "--student", json.dumps(sizes.student), "--threads", str(threads),
                 "--no-progress"]
         if sizes.rnnt_loss:
             args += ["--rnnt-loss", sizes.rnnt_loss]
@@ -241,18 +262,39 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
             args += ["--online-teacher", teacher, "--layer", layer]
             if n:
                 args += ["--quantizer", quantizer]
-            if sizes.online_max_steps:
-                args += ["--max-steps", str(sizes.online_max_steps)]
         elif n:
             args += ["--labels", stores.get(kd, stores["ci"])]
         elif kd in ("l1", "l2"):
             args += ["--labels", stores["float16"]]
+        if online or timed_kd(run):
+            if sizes.online_max_steps:
+                args += ["--max-steps", str(sizes.online_max_steps)]
         if kd != "none" and not online and s3:
             args += so_args
+        return args
+
+    def train(run: str, seed: int, name: str, threads: int) -> None:
+        run_dir = w("students", name)
         if not os.path.exists(os.path.join(run_dir, "final.json")):
-            dt = step(*args)
+            dt = step(*student_args(run, seed, run_dir, threads))
             with open(os.path.join(run_dir, "final.json"), "w") as f:
                 json.dump({"seconds": dt}, f)
+
+    # Students from stores train `parallel_runs` at a time (threads split between them); the on-the-fly runs and
+    # their timing twins (the same KD from the store, same steps) run afterwards one at a time, so the on-the-fly /
+    # store speed ratio compares like with like. Every run gets the same threads (a torch run with more threads
+    # than it has cores to itself stalls in its thread barriers, so a run alone keeps the pooled runs' count).
+    runs = student_runs(sizes)
+    pooled = [r for r in runs if not online_kd(r[0]) and not timed_kd(r[0])]
+    each = max(1, sizes.threads // sizes.parallel_runs)
+    if sizes.parallel_runs > 1 and len(pooled) > 1:
+        with ThreadPoolExecutor(sizes.parallel_runs) as ex:
+            list(ex.map(lambda r: train(*r, each), pooled))
+    for r in runs:
+        train(*r, each)
+    results: dict[str, dict] = {}
+    for run, seed, name in runs:
+        run_dir = w("students", name)
         with open(os.path.join(run_dir, "final.json")) as f:
             secs = json.load(f)["seconds"]
         with open(os.path.join(run_dir, "last.json")) as f:
@@ -296,32 +338,33 @@ def run_pipeline(workdir: str, sizes: Sizes, *, s3: dict | None = None, log=prin
 
 
 def _project_online_runs(results: dict) -> None:
-    """Each on-the-fly run stopped early gets its full schedule's step count and, from its measured steps/s, the
-    projected training time of that schedule. The schedule is the no-KD run's (same seed): neither reads a store,
-    so their batch sampler draws the same batches; without one, a store run's (whose shards may regroup the batches,
-    so the count can differ by a few)."""
+    """Each on-the-fly run (and timing twin) stopped early gets its full schedule's step count and, from its measured
+    steps/s, the projected training time of that schedule. The schedule is the no-KD run's (same seed): neither
+    reads a store, so their batch sampler draws the same batches; without one, a store run's (whose shards may
+    regroup the batches, so the count can differ by a few)."""
     for run, r in results.items():
-        if not online_kd(run) or not r.get("speed"):
+        kd = online_kd(run) or timed_kd(run)
+        if not kd or not r.get("speed"):
             continue
         if not r.get("stopped_early"):
             r["full_schedule_steps"], r["full_schedule_from"] = r["steps"], run
             continue
         done = {o: x for o, x in results.items() if not x.get("stopped_early") and x.get("seed") == r["seed"]}
-        ref = "none" if "none" in done else online_kd(run) if online_kd(run) in done else next(iter(done), None)
+        ref = "none" if "none" in done else kd if kd in done else next(iter(done), None)
         if ref is None:
             continue
         r["full_schedule_steps"], r["full_schedule_from"] = done[ref]["steps"], ref
         r["projected_full_seconds"] = done[ref]["steps"] / r["speed"]["steps_per_second"]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for a single value)."""
     m = sum(values) / len(values)
     var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
     return m, var ** 0.5
 
 
-def _per_seed(r: dict) -> list[dict]:
+def per_seed(r: dict) -> list[dict]:
     return list(r["seeds"].values()) if r.get("seeds") else [r]
 
 
@@ -332,6 +375,8 @@ def run_label(run: str) -> str:
         return fixed[run]
     if online_kd(run):
         return "teacher on the fly" + (", MVQ codes" if online_kd(run) == "mvq" else ", float")
+    if timed_kd(run):
+        return f"{run_label(timed_kd(run))} (timing twin of online-{timed_kd(run)})"
     return f"CI store, {run[3:]} B/frame" if run.startswith("mvq") else ""
 
 
@@ -342,8 +387,8 @@ def result_table(summary: dict) -> str:
     res = summary["results"]
 
     def stat(r: dict, split: str, key: str) -> tuple[float, float, int] | None:
-        vals = [x[split][key] for x in _per_seed(r) if split in x and key in x[split]]
-        return (*_mean_std(vals), len(vals)) if vals else None
+        vals = [x[split][key] for x in per_seed(r) if split in x and key in x[split]]
+        return (*mean_std(vals), len(vals)) if vals else None
 
     def pct(r, split, key):
         st = stat(r, split, key)
@@ -362,12 +407,12 @@ def result_table(summary: dict) -> str:
     lines = ["| run | labels | dev WER % | test WER % | rel. WER reduction vs no KD (test) | dev CER % | test CER % "
              "| rel. CER reduction vs no KD (test) | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for run, r in res.items():
-        seeds = _per_seed(r)
+        seeds = per_seed(r)
         name = f"{run} ({len(seeds)} seeds)" if len(seeds) > 1 else run
         if r.get("stopped_early"):
             secs = f"stopped after {r['steps']} steps ({r['train_seconds']:.0f} s)"
         else:
-            m, sd = _mean_std([x["train_seconds"] for x in seeds])
+            m, sd = mean_std([x["train_seconds"] for x in seeds])
             secs = f"{m:.0f} ± {sd:.0f}" if len(seeds) > 1 else f"{m:.0f}"
         lines.append(f"| {name} | {run_label(run)} | {pct(r, 'dev', 'wer')} | {pct(r, 'test', 'wer')} "
                      f"| {rel(run, r, 'wer')} | {pct(r, 'dev', 'cer')} | {pct(r, 'test', 'cer')} "
@@ -377,7 +422,8 @@ def result_table(summary: dict) -> str:
 
 def speed_table(summary: dict) -> str:
     """Markdown: training steps/s per run (first epoch, no evaluation: train_speed), the teacher's share of an
-    on-the-fly run's time, its speed relative to the same KD from a store, and its full-schedule training time
+    on-the-fly run's time, its speed relative to the same KD from a store (its timing twin, run alone right
+    before it with the same threads and steps, when there is one), and its full-schedule training time
     (projected from steps/s when the run was stopped early)."""
     res = summary["results"]
     lines = ["| run | labels | steps timed | steps/s | teacher s (share) | on the fly / store | full-schedule "
@@ -391,9 +437,10 @@ def speed_table(summary: dict) -> str:
         if "teacher_seconds" in sp:
             teacher = f"{sp['teacher_seconds']:.1f} ({100 * sp['teacher_seconds'] / sp['seconds']:.0f}%)"
         ratio = "-"
-        store = res.get(online_kd(run) or "")
+        twin = f"timed-{online_kd(run)}" if f"timed-{online_kd(run)}" in res else online_kd(run)
+        store = res.get(twin or "")
         if online_kd(run) and store and store.get("speed"):
-            ratio = f"{sp['steps_per_second'] / store['speed']['steps_per_second']:.2f}x (vs {online_kd(run)})"
+            ratio = f"{sp['steps_per_second'] / store['speed']['steps_per_second']:.2f}x (vs {twin})"
         if r.get("stopped_early"):
             full = (f"{r['projected_full_seconds']:.0f} (projected: {r['full_schedule_steps']} steps, as "
                     f"{r['full_schedule_from']}, at {sp['steps_per_second']:.2f} steps/s)"
@@ -414,4 +461,78 @@ def storage_table(summary: dict) -> str:
         lr_txt = f"{lr:.1f}x" if lr else "n/a"
         lines.append(f"| {r['label']} | {r['frames']} | {r['bytes']:,} | {r['bytes_per_frame']:.2f} | "
                      f"{r['ratio_vs_float32']:.1f}x | {r['label_bytes_per_frame']:.2f} | {lr_txt} |")
+    return "\n".join(lines)
+
+
+# Corpora the storage table is extrapolated to (hours of audio; teacher frames at the store's frame rate)
+EXTRAPOLATE_HOURS = (("LibriSpeech 960 h", 960), ("GigaSpeech 10k h", 10_000))
+
+
+def difference_table(summary: dict) -> str:
+    """Markdown: each finished run's test WER/CER minus no KD's, and MVQ's minus l2's, with the standard error of
+    the difference sqrt(sd_a^2/n_a + sd_b^2/n_b). A single-seed run has no spread of its own: it borrows the largest
+    std of the multi-seed runs (said in the row)."""
+    res = {k: v for k, v in summary["results"].items() if "test" in v}
+    multi = [r for r in res.values() if len(per_seed(r)) > 1]
+
+    def stat(r: dict, key: str) -> tuple[float, float, int, bool]:
+        vals = [100 * x["test"][key] for x in per_seed(r)]
+        m, sd = mean_std(vals)
+        if len(vals) > 1 or not multi:
+            return m, sd, len(vals), False
+        return m, max(mean_std([100 * x["test"][key] for x in per_seed(o)])[1] for o in multi), 1, True
+
+    pairs = [(run, "none") for run in res if run != "none" and "none" in res]
+    pairs += [("mvq", b) for b in ("l1", "l2") if "mvq" in res and b in res]
+    lines = ["| difference (test) | WER points | CER points | seeds | |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        cells, borrowed = [], False
+        for key in ("wer", "cer"):
+            (ma, sa, na, ba), (mb, sb, nb, bb) = stat(res[a], key), stat(res[b], key)
+            se = (sa ** 2 / na + sb ** 2 / nb) ** 0.5
+            cells.append(f"{ma - mb:+.2f} ± {se:.2f}" + (f" ({abs(ma - mb) / se:.1f} SE)" if se else ""))
+            borrowed |= ba or bb
+        n = f"{len(per_seed(res[a]))} vs {len(per_seed(res[b]))}"
+        lines.append(f"| {a} - {b} | {cells[0]} | {cells[1]} | {n} | "
+                     f"{'single-seed spread borrowed' if borrowed else ''} |")
+    return "\n".join(lines)
+
+
+def extrapolation_table(summary: dict) -> str:
+    """Markdown: each store's label bytes per frame scaled to full corpora (the CI store's quantizer is a fixed
+    cost, added once)."""
+    rate = summary.get("teacher", {}).get("frame_rate") or 50
+    head = " | ".join(f"{name} ({h * 3600 * rate / 1e6:,.0f} M frames)" for name, h in EXTRAPOLATE_HOURS)
+    lines = [f"| labels | bytes/frame (labels) | {head} |", "|---|---|" + "---|" * len(EXTRAPOLATE_HOURS)]
+    for r in summary["storage"]:
+        fixed = r["bytes"] - r["label_bytes_per_frame"] * r["frames"]
+        cells = [_gb(r["label_bytes_per_frame"] * h * 3600 * rate + fixed) for _, h in EXTRAPOLATE_HOURS]
+        lines.append(f"| {r['label']} | {r['label_bytes_per_frame']:.2f} | {' | '.join(cells)} |")
+    dim = summary["storage"][0]["dim"]
+    raw = [_gb(4 * dim * h * 3600 * rate) for _, h in EXTRAPOLATE_HOURS]
+    lines.append(f"| float32, raw (no container) | {4 * dim} | {' | '.join(raw)} |")
+    return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:.2f} TB" if n >= 1e12 else f"{n / 1e9:.2f} GB"
+
+
+def extraction_table(summary: dict) -> str:
+    """Markdown: labelling the student split once (extract: the CI and float stores in one teacher pass) against
+    the teacher time an on-the-fly run spends per epoch and over its full schedule (from its timed steps)."""
+    t, res, s = summary["timings"], summary["results"], summary["sizes"]
+    lines = ["| labels made by | teacher work | wall time (s) |", "|---|---|---|"]
+    if "extract" in t:
+        lines.append(f"| `ci-store extract` (once; CI + float16 + float32 stores) | every utterance once | "
+                     f"{t['extract']:.0f} |")
+    for run, r in res.items():
+        sp = r.get("speed") or {}
+        if "teacher_seconds" not in sp or not r.get("full_schedule_steps"):
+            continue
+        per_step = sp["teacher_seconds"] / sp["steps"]
+        per_epoch = per_step * r["full_schedule_steps"] / s["student_epochs"]
+        lines.append(f"| {run}: teacher on the fly | every utterance, every epoch | {per_epoch:.0f} per epoch "
+                     f"(x {s['student_epochs']} epochs = {per_epoch * s['student_epochs']:.0f}; projected from "
+                     f"{sp['steps']} timed steps) |")
     return "\n".join(lines)

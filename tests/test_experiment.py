@@ -8,7 +8,8 @@ import pytest
 from ci_store import open_store
 from distill.data.manifest import load_manifest
 from distill.data.tokenizer import normalize_text
-from distill.experiment import Sizes, result_table, run_pipeline, speed_table, storage_table, student_runs
+from distill.experiment import (Sizes, difference_table, extraction_table, extrapolation_table, result_table,
+                                run_pipeline, speed_table, storage_table, student_runs)
 from distill.student.trainer import evaluate_model, load_student
 from scoring import edit_distance
 
@@ -101,9 +102,10 @@ def test_rerun_resumes_without_redoing_work(pipeline):
     assert {k: v["test"] for k, v in again["results"].items()} == {k: v["test"] for k, v in summary["results"].items()}
 
 
-# The bundled pre-trained teacher (no teacher training) and an on-the-fly run stopped after a few steps.
+# The bundled pre-trained teacher (no teacher training), the store students trained two at a time, and an
+# on-the-fly run stopped after a few steps beside its timing twin.
 WHISPER = Sizes(**{**TINY.__dict__, "teacher": "whisper-tiny.en", "teacher_layer": 2,
-                   "kd_runs": ("none", "mvq", "online-mvq"), "online_max_steps": 1})
+                   "kd_runs": ("none", "mvq", "online-mvq"), "online_max_steps": 1, "parallel_runs": 2})
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +128,14 @@ def test_pretrained_teacher_pipeline_runs_every_step(whisper_pipeline):
     for part in ("--kd mvq ", "--online-teacher whisper-tiny.en --layer 2 --quantizer ", "--max-steps 1"):
         assert part in online[0], part
     assert "--labels" not in online[0]
+    # its timing twin: the same KD from the CI store, the same steps, right before it
+    trains = [line for line in lines if line.startswith("$ ci-store train-student ")]
+    twin = next(line for line in trains if "students/timed-mvq " in line)
+    assert trains.index(twin) == trains.index(online[0]) - 1
+    assert f"--labels {summary['stores']['ci']} " in twin + " " and "--max-steps 1" in twin
+    assert "--online-teacher" not in twin
+    # two students at a time share the two threads: every run (twin and on-the-fly run too) gets one
+    assert all("--threads 1 " in line for line in trains) and len(trains) == 4
     # the teacher entry describes the pre-trained teacher, as the CI store records it
     t = summary["teacher"]
     ref = load_teacher("whisper-tiny.en", layer=2)
@@ -153,10 +163,19 @@ def test_online_run_reports_its_speed(whisper_pipeline):
     full = summary["results"]["none"]["steps"]
     assert r["full_schedule_steps"] == full > 1 and r["full_schedule_from"] == "none"
     assert r["projected_full_seconds"] == pytest.approx(full / r["speed"]["steps_per_second"])
+    twin = summary["results"]["timed-mvq"]
+    assert twin["stopped_early"] and twin["steps"] == 1 and twin["full_schedule_from"] == "none"
+    assert twin["projected_full_seconds"] == pytest.approx(full / twin["speed"]["steps_per_second"])
     table = speed_table(summary)
     row = next(line for line in table.splitlines() if line.startswith("| online-mvq |"))
-    ratio = r["speed"]["steps_per_second"] / summary["results"]["mvq"]["speed"]["steps_per_second"]
-    assert f"{ratio:.2f}x (vs mvq)" in row and "projected" in row
+    ratio = r["speed"]["steps_per_second"] / twin["speed"]["steps_per_second"]
+    assert f"{ratio:.2f}x (vs timed-mvq)" in row and "projected" in row
+    assert "timing twin of online-mvq" in next(line for line in table.splitlines() if line.startswith("| timed-mvq |"))
+    # the teacher's time per epoch on the fly, from the timed step, against extracting once
+    per_epoch = r["speed"]["teacher_seconds"] / r["speed"]["steps"] * full / WHISPER.student_epochs
+    row = next(line for line in extraction_table(summary).splitlines() if line.startswith("| online-mvq"))
+    assert f"| {per_epoch:.0f} per epoch" in row
+    assert f"| {summary['timings']['extract']:.0f} |" in extraction_table(summary)
     row = next(line for line in result_table(summary).splitlines() if line.startswith("| online-mvq |"))
     assert "teacher on the fly" in row and "stopped after 1 steps" in row
 
@@ -203,3 +222,35 @@ def test_multi_seed_runs_keep_the_single_seed_directory_for_the_base_seed():
                                    ("l2", 0, "l2"), ("l2", 1, "l2-seed1"), ("l2", 2, "l2-seed2"),
                                    ("online-mvq", 0, "online-mvq")]
     assert student_runs(TINY) == [(kd, 0, kd) for kd in TINY.kd_runs]  # one seed: the layout as before
+    timed = Sizes(kd_runs=("mvq", "online-mvq"), online_max_steps=5)  # an on-the-fly run stopped early gets a twin
+    assert student_runs(timed) == [("mvq", 0, "mvq"), ("timed-mvq", 0, "timed-mvq"), ("online-mvq", 0, "online-mvq")]
+    with pytest.raises(ValueError, match="parallel_runs 0"):
+        run_pipeline("unused", Sizes(parallel_runs=0), log=lambda _: None)
+
+
+def test_difference_table_gives_the_standard_error_of_each_difference():
+    seeds = {"0": _entry(0.30), "1": _entry(0.40), "2": _entry(0.50)}  # mean 40 %, sd 10 points
+    l2 = {"0": _entry(0.20), "1": _entry(0.25), "2": _entry(0.30)}  # mean 25 %, sd 5 points
+    summary = {"results": {"none": {**seeds["0"], "seeds": seeds}, "l2": {**l2["0"], "seeds": l2},
+                           "mvq": {**l2["0"], "seeds": l2}, "l1": _entry(0.10),
+                           "online-l2": {"train_seconds": 3.0, "steps": 5, "stopped_early": True}}}
+    rows = {line.split(" | ")[0][2:]: line for line in difference_table(summary).splitlines()[2:]}
+    assert set(rows) == {"l2 - none", "mvq - none", "l1 - none", "mvq - l1", "mvq - l2"}
+    se = (10 ** 2 / 3 + 5 ** 2 / 3) ** 0.5
+    assert f"| -15.00 ± {se:.2f} ({15 / se:.1f} SE) |" in rows["l2 - none"] and "3 vs 3" in rows["l2 - none"]
+    assert "| +0.00 ± " in rows["mvq - l2"]
+    # a single-seed run borrows the largest multi-seed spread (10 points), and says so
+    se1 = (10 ** 2 / 1 + 10 ** 2 / 3) ** 0.5
+    assert f"| -30.00 ± {se1:.2f}" in rows["l1 - none"] and "borrowed" in rows["l1 - none"]
+
+
+def test_extrapolation_table_scales_label_bytes_per_frame():
+    summary = {"teacher": {"frame_rate": 50}, "storage": [
+        {"label": "CI 4xuint8", "frames": 1000, "bytes": 4500 + 2000, "label_bytes_per_frame": 4.5, "dim": 384},
+        {"label": "float16", "frames": 1000, "bytes": 770_000, "label_bytes_per_frame": 770.0, "dim": 384}]}
+    rows = extrapolation_table(summary).splitlines()
+    assert "173 M frames" in rows[0] and "1,800 M frames" in rows[0]
+    ci = next(r for r in rows if r.startswith("| CI 4xuint8 |"))
+    assert f"| {(4.5 * 960 * 3600 * 50 + 2000) / 1e9:.2f} GB |" in ci  # the quantizer (2,000 B) added once
+    raw = next(r for r in rows if r.startswith("| float32, raw"))
+    assert f"| {4 * 384 * 10_000 * 3600 * 50 / 1e12:.2f} TB |" in raw
