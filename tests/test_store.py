@@ -195,6 +195,15 @@ def test_index_lookup_dict_and_sorted_paths(full_store):
     assert idx.sort_order.tolist() == [1, 0, 2] and idx.sort_problems() == []
 
 
+def test_sorted_lookup_finds_ids_of_16_bytes_and_more():
+    """numpy 2.4's searchsorted on StringDType misplaces strings of >= 16 bytes; the sorted path must not use it
+    (it is the default above 2M utterances, and corpus ids such as GigaSpeech's are ~30 bytes)."""
+    ids = [f"gigaspeech-POD{k // 3:010d}_S{k % 3:07d}" for k in range(50)][::-1] + ["a", "0235-102353-0038"]
+    idx = UtteranceIndex(ids, np.arange(len(ids)), np.ones(len(ids)), np.zeros(len(ids)), lookup="sorted")
+    assert [idx.position(u) for u in ids] == list(range(len(ids)))
+    assert "gigaspeech-POD0000000000_S0000003" not in idx and "zz" not in idx and "" not in idx
+
+
 def test_uint16_codes_for_large_codebooks(tmp_path):
     utts = make_utts(10)
     data = make_codes(utts, k=1024)
