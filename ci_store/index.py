@@ -89,6 +89,16 @@ class UtteranceIndex:
     def entry(self, pos: int) -> tuple[int, int, int]:
         return int(self.offsets[pos]), int(self.num_frames[pos]), int(self.shard[pos])
 
+    def shard_range(self, s: int) -> tuple[int, int]:
+        """Positions [lo, hi) of shard s (storage order groups utterances by shard)."""
+        return (int(np.searchsorted(self.shard, s, "left")), int(np.searchsorted(self.shard, s, "right")))
+
+    def ids_range(self, lo: int, hi: int) -> list[str]:
+        return self.ids[lo:hi].tolist()
+
+    def id_at(self, pos: int) -> str:
+        return str(self.ids[pos])
+
     def sort_problems(self) -> list[str]:
         """Checks for verify: sort_order is a permutation that sorts the ids."""
         n = len(self.ids)
