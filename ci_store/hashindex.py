@@ -250,7 +250,9 @@ class HashIndex:
         keys = id_hashes(self.cols["id_bytes"].all(), self.cols["id_ends"].all(), self.bits)
         want_keys, _, want_fence = hash_table(keys, self.block)
         got_keys, got_rows = self.cols["hash_keys"].all(), self.cols["hash_rows"].all()
-        if not np.array_equal(got_keys, want_keys):
+        if (got_rows >= self.n).any():
+            out.append(f"index/hash_rows holds rows outside [0, {self.n})")
+        elif not np.array_equal(got_keys, want_keys):
             out.append("index/hash_keys are not the sorted id hashes")
         elif not np.array_equal(keys[got_rows.astype(np.int64)], got_keys) or \
                 not np.array_equal(np.sort(got_rows), np.arange(self.n, dtype=np.uint32)):

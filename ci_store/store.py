@@ -261,8 +261,9 @@ class CIStore:
         done = {shard_from_done_key(k) for k in h.objects.list_prefix(f"{DONE_GROUP}/")}
         if not set(range(self.num_shards)) <= done:
             return False
-        for s in range(self.num_shards):          # fresh reads: never copy a record cached before a replace
+        for s in range(self.num_shards):          # fresh reads of the records themselves, never of a manifest
             h.records.pop(s, None)
+        h.manifest_read, h.all_complete = True, False
         recs = self._records(range(self.num_shards))
         h.objects.set(MANIFEST_KEY, encode_manifest(recs, h.meta["plan_sha256"], self.num_shards))
         h.manifest_read = h.all_complete = True

@@ -179,7 +179,10 @@ def test_tail_padding_and_failed_rows_are_zero(tmp_path, utts, data):
     assert not z[off:off + n].any()
 
 
-def test_index_lookup_dict_and_sorted_paths(full_store):
+def test_index_lookup_dict_and_sorted_paths(tmp_path, utts, data):
+    full_store = create(str(tmp_path / "v1"), plan_shards(utts, 256), num_codebooks=NCB, frame_rate=50.0,
+                        chunk_frames=32, format_version=1)      # the v1 index's two lookups (v2: test_store_v2.py)
+    fill(full_store, data)
     ids = full_store.ids
     by_dict = open_store(full_store.url, lookup="dict")
     by_sort = open_store(full_store.url, lookup="sorted")
