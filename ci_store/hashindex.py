@@ -94,7 +94,8 @@ class Column:
                 raise StoreError(f"{self.where}: array data {self.key} is missing") from None
             if size != n * self.dtype.itemsize:
                 raise StoreError(f"{self.where}: {size} bytes stored, expected {n} x {self.dtype.itemsize}")
-            self._map = np.memmap(file, dtype=self.dtype, mode="r", shape=(n,))
+            # a plain ndarray over the map: np.memmap's subclass hooks cost more than a lookup
+            self._map = np.memmap(file, dtype=self.dtype, mode="r", shape=(n,)).view(np.ndarray)
 
     def __len__(self) -> int:
         return self.n
@@ -133,6 +134,8 @@ class Column:
         return np.frombuffer(raw, self.dtype, hi - lo, off)
 
     def __getitem__(self, i: int):
+        if self._map is not None and 0 <= i < self.n:
+            return self._map[i]
         return self.read(i, i + 1)[0]
 
     def all(self) -> np.ndarray:
@@ -163,17 +166,18 @@ class HashIndex:
         if isinstance(utt_id, str) and utt_id:
             h = np.uint64(id_hash(utt_id, self.bits))
             f = self.fence
-            b0 = max(int(np.searchsorted(f, h, "left")) - 1, 0)
-            b1 = max(int(np.searchsorted(f, h, "right")), b0 + 1)
+            b0 = max(int(f.searchsorted(h, "left")) - 1, 0)
+            b1 = max(int(f.searchsorted(h, "right")), b0 + 1)
             lo = b0 * self.block
             keys = self.cols["hash_keys"].read(lo, b1 * self.block)
-            i, j = int(np.searchsorted(keys, h, "left")), int(np.searchsorted(keys, h, "right"))
-            if j > i:
-                for r in self.cols["hash_rows"].read(lo + i, lo + j).tolist():
-                    if r >= self.n:
-                        raise StoreError(f"{self.where}/hash_rows: row {r} outside [0, {self.n})")
-                    if self.id_at(r) == utt_id:
-                        return r
+            i, j = int(keys.searchsorted(h, "left")), int(keys.searchsorted(h, "right"))
+            rows = self.cols["hash_rows"]
+            for k in range(lo + i, lo + j):
+                r = int(rows[k])
+                if r >= self.n:
+                    raise StoreError(f"{self.where}/hash_rows: row {r} outside [0, {self.n})")
+                if self.id_at(r) == utt_id:
+                    return r
         raise KeyError(f"utterance {utt_id!r} is not in the store")
 
     def __contains__(self, utt_id) -> bool:
@@ -184,7 +188,16 @@ class HashIndex:
             return False
 
     def id_at(self, pos: int) -> str:
-        return self.ids_range(pos, pos + 1)[0]
+        ends = self.cols["id_ends"]
+        a = int(ends[pos - 1]) if pos else 0
+        b = int(ends[pos])
+        if not 0 <= a < b <= self.id_nbytes or b - a > MAX_ID_BYTES:
+            raise StoreError(f"{self.where}/id_ends: entries {max(pos - 1, 0)}..{pos} are not increasing id ends "
+                             f"inside id_bytes ({self.id_nbytes} bytes; ids of 1 to {MAX_ID_BYTES} bytes)")
+        try:
+            return self.cols["id_bytes"].read(a, b).tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError(f"{self.where}/id_bytes: ids {pos}..{pos} are not valid UTF-8") from None
 
     def ids_range(self, lo: int, hi: int) -> list[str]:
         """Ids of positions [lo, hi), checked: ends increasing, inside id_bytes, each 1..MAX_ID_BYTES of UTF-8."""
@@ -206,6 +219,8 @@ class HashIndex:
 
     def entry(self, pos: int) -> tuple[int, int, int]:
         """(offset, num_frames, shard) of a position, checked against the layout before anything uses it."""
+        if not 0 <= pos < self.n:
+            raise StoreError(f"{self.where}: position {pos} outside [0, {self.n})")
         off = int(self.cols["offsets"][pos])
         n = int(self.cols["num_frames"][pos])
         s = off // self.S
