@@ -8,9 +8,9 @@
 from .errors import StoreError
 from .format import FORMAT_NAME, FORMAT_VERSION, codes_dtype, default_shard_frames
 from .index import UtteranceIndex
-from .plan import Shard, ShardPlan, plan_shards
+from .plan import Shard, ShardPlan, plan_arrays, plan_shards
 from .quantizer import arrays_sha256
 from .store import CIStore, create, open_store
 
 __all__ = ["StoreError", "FORMAT_NAME", "FORMAT_VERSION", "codes_dtype", "default_shard_frames", "UtteranceIndex",
-           "Shard", "ShardPlan", "plan_shards", "arrays_sha256", "CIStore", "create", "open_store"]
+           "Shard", "ShardPlan", "plan_shards", "plan_arrays", "arrays_sha256", "CIStore", "create", "open_store"]

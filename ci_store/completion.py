@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 
 from .errors import StoreError, name_some
-from .format import FORMAT_VERSION, SHA256_RE, done_key, shard_key
+from .format import FORMAT_VERSION, MANIFEST_KEY, SHA256_RE, done_key, shard_key
 
 RECORD_FORMAT = "ci-store-shard"
 CLAIM_FORMAT = "ci-store-claim"
@@ -34,10 +34,10 @@ def data_sha256(block: np.ndarray) -> str:
 
 
 def build_record(array: str, shard, capacity: int, failures: dict[str, str], block_sha: str,
-                 payload: bytes | None) -> dict:
+                 payload: bytes | None, format_version: int = FORMAT_VERSION) -> dict:
     return {
         "format": RECORD_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "shard": shard.index,
         "start": shard.start,
         "capacity": capacity,
@@ -97,6 +97,44 @@ def check_record(rec: dict, shard: int, array: str, min_nbytes: int, max_nbytes:
     if rec.get("object_key", shard_key(array, shard)) != shard_key(array, shard):
         raise StoreError(f"{at}: object_key {rec.get('object_key')!r} is not {shard_key(array, shard)!r}")
     return rec
+
+
+# --- completion manifest (format v2) --------------------------------------------------------------------------
+MANIFEST_FORMAT = "ci-store-manifest"
+MAX_MANIFEST_BYTES = 1 << 30     # decoded manifest a reader accepts
+
+
+def encode_manifest(records: dict[int, dict], plan_sha256: str, num_shards: int) -> bytes:
+    """The manifest of a complete store: every record, in shard order; deterministic bytes (same records, same
+    manifest), so writing it again, from any process, changes nothing."""
+    from numcodecs import zstd
+    body = {"format": MANIFEST_FORMAT, "plan_sha256": plan_sha256, "num_shards": num_shards,
+            "records": [records[s] for s in range(num_shards)]}
+    return bytes(zstd.Zstd(level=3).encode(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()))
+
+
+def decode_manifest(blob: bytes, meta: dict, where: str) -> list[dict]:
+    """The records of a manifest, checked to belong to this store (plan, shard count) and each a record of its
+    shard; StoreError naming the manifest otherwise."""
+    from .zstdframe import decompress
+    at = f"{where}/{MANIFEST_KEY}"
+    raw = decompress(blob, at, limit=MAX_MANIFEST_BYTES)
+    try:
+        body = json.loads(raw.tobytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise StoreError(f"{at}: completion manifest is not valid JSON ({type(e).__name__})") from None
+    if (not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT
+            or body.get("plan_sha256") != meta["plan_sha256"] or body.get("num_shards") != meta["num_shards"]
+            or not isinstance(body.get("records"), list) or len(body["records"]) != meta["num_shards"]):
+        raise StoreError(f"{at}: not the completion manifest of this store (format, plan_sha256 or shard count "
+                         f"differ); delete it to fall back to the per-shard records")
+    out = []
+    for s, rec in enumerate(body["records"]):
+        if (not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or rec.get("shard") != s
+                or not isinstance(rec.get("failures"), dict)):
+            raise StoreError(f"{at}: entry {s} is not a completion record of shard {s}")
+        out.append(rec)
+    return out
 
 
 # --- claims: one writer per shard object ------------------------------------------------------------------------

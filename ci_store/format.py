@@ -1,4 +1,4 @@
-"""Format constants and attribute validation for ci-store format version 1 (see docs/store-format.md).
+"""Format constants and attribute validation for ci-store format versions 1 and 2 (see docs/store-format.md).
 
 Everything a reader needs to interpret a store is written here once, so writers and readers cannot drift.
 """
@@ -14,7 +14,8 @@ import numpy as np
 from .errors import StoreError
 
 FORMAT_NAME = "ci-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # what create() writes; readers read every version up to it
+FORMAT_VERSIONS = (1, 2)
 ATTRS_KEY = "ci_store"          # root group attribute holding the store metadata dict
 KINDS = ("codes", "float")
 ARRAY_NAME = {"codes": "codes", "float": "embeddings"}
@@ -133,6 +134,9 @@ def compressor_spec(name: str, level: int | None) -> str:
     return "none" if name == "none" else f"zstd:{level}"
 
 
+MANIFEST_KEY = f"{DONE_GROUP}/manifest.json.zst"   # format v2: every completion record of a complete store
+
+
 def done_key(shard: int) -> str:
     """Object key of a shard's completion record."""
     return f"{DONE_GROUP}/shard-{shard:06d}.json"
@@ -246,10 +250,22 @@ def check_meta(meta: Any, where: str) -> dict:
     order = "codebook-major" if kind == "codes" else "frame-major"
     if meta.get("chunk_order", order) != order:
         raise StoreError(f"{where}: chunk_order {meta['chunk_order']!r} is not {order!r} ({kind} store)")
-    for key in ("plan_sha256", "utterances_sha256", "quantizer_sha256"):
+    for key in ("plan_sha256", "utterances_sha256", "utterances_hash_sha256", "quantizer_sha256"):
         x = meta.get(key)
         if (key == "plan_sha256" or x is not None) and not (isinstance(x, str) and SHA256_RE.fullmatch(x)):
             raise StoreError(f"{where}: {key} must be a sha256 hex digest, got {x!r}")
+    if version >= 2:
+        if meta.get("id_hash") != "fnv1a-64":
+            raise StoreError(f"{where}: id_hash {meta.get('id_hash')!r} is not 'fnv1a-64' (format v2 index)")
+        for key, hi in (("id_hash_bits", 64), ("index_block", 1 << 20)):
+            if key not in meta:
+                raise StoreError(f"{where}: store metadata lacks {key} (format v2 index)")
+            _int(meta, key, where, lo=1, hi=hi)
+        if meta["num_utterances"] > (1 << 32) - 1 or meta["num_utterances"] < 1:
+            raise StoreError(f"{where}: num_utterances {meta['num_utterances']} is outside [1, 2**32) (format v2)")
+        if meta["num_shards"] > meta["num_utterances"]:
+            raise StoreError(f"{where}: num_shards {meta['num_shards']} exceeds num_utterances "
+                             f"{meta['num_utterances']} (every shard holds an utterance)")
     _optional(meta, "quantizer_id", str, where, "a string")
     _optional(meta, "teacher", dict, where, "an object")
     _optional(meta, "extra", dict, where, "an object")

@@ -1,11 +1,12 @@
 """Utterance index: id -> (offset, num_frames, shard), stored as zarr arrays and looked up in memory.
 
 Two lookup paths: a dict (O(1), built lazily on first lookup; ~100 bytes per utterance) and binary search over
-the ids in sorted order (np.searchsorted on the stored `sort_order` permutation; no per-id Python objects),
+the ids in sorted order (bisect over the ids permuted by the stored `sort_order`; no per-id Python objects),
 which "auto" picks for stores with more than DICT_LIMIT utterances.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 
 import numpy as np
@@ -71,7 +72,9 @@ class UtteranceIndex:
                     self._sorted = self.ids[self.sort_order]
         if not isinstance(utt_id, str):
             raise KeyError(f"utterance {utt_id!r} is not in the store")
-        k = int(np.searchsorted(self._sorted, utt_id))
+        # bisect, not np.searchsorted: numpy 2.4's searchsorted on StringDType misplaces strings of 16 or more
+        # bytes (those stored outside the array's inline slots), so every such id read as absent
+        k = bisect.bisect_left(self._sorted, utt_id)
         if k < len(self._sorted) and self._sorted[k] == utt_id:
             return int(self.sort_order[k])
         raise KeyError(f"utterance {utt_id!r} is not in the store")
@@ -85,6 +88,16 @@ class UtteranceIndex:
 
     def entry(self, pos: int) -> tuple[int, int, int]:
         return int(self.offsets[pos]), int(self.num_frames[pos]), int(self.shard[pos])
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        """Positions [lo, hi) of shard s (storage order groups utterances by shard)."""
+        return (int(np.searchsorted(self.shard, s, "left")), int(np.searchsorted(self.shard, s, "right")))
+
+    def ids_range(self, lo: int, hi: int) -> list[str]:
+        return self.ids[lo:hi].tolist()
+
+    def id_at(self, pos: int) -> str:
+        return str(self.ids[pos])
 
     def sort_problems(self) -> list[str]:
         """Checks for verify: sort_order is a permutation that sorts the ids."""

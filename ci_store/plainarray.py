@@ -42,9 +42,10 @@ class PlainArray:
         return [(i, f"{self.path}/c" + "".join(f"/{k}" for k in i)) for i in itertools.product(*grid)]
 
 
-def parse_array(raw: bytes | None, path: str, where: str) -> PlainArray:
+def parse_array(raw: bytes | None, path: str, where: str, codecs: tuple[str, ...] = ("bytes", "zstd")) -> PlainArray:
     """Validate one array's zarr.json: a Zarr v3 array with a regular chunk grid, default chunk keys, fill value
-    0 (or "" for strings) and exactly the codec chain ci_store writes."""
+    0 (or "" for strings) and exactly the codec chain ci_store writes (numeric arrays: `codecs`; the v2 index
+    writes raw `bytes` only)."""
     at = f"{where}/{path}"
     if raw is None:
         raise StoreError(f"{at}: array is missing (no zarr.json)")
@@ -75,7 +76,7 @@ def parse_array(raw: bytes | None, path: str, where: str) -> PlainArray:
         elif data_type in NUMERIC_TYPES:
             dtype = np.dtype(data_type)
             endian = meta["codecs"][0].get("configuration", {}).get("endian")
-            if names != ["bytes", "zstd"] or not (endian == "little" or (endian is None and dtype.itemsize == 1)):
+            if names != list(codecs) or not (endian == "little" or (endian is None and dtype.itemsize == 1)):
                 raise ValueError(f"codecs {names} (endian {endian!r})")
             fill = meta.get("fill_value")
             if fill not in (0, 0.0, False) or isinstance(fill, str):

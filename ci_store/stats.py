@@ -33,17 +33,29 @@ def codebook_entropy(st: CIStore, max_frames: int = 100_000, seed: int = 0) -> l
     done = st.completed_shards()
     failures = st.failures()
     idx = st.index
-    ok = np.flatnonzero(np.isin(idx.shard, np.fromiter(done, np.int32, len(done))))
-    ids = [u for u in idx.ids[ok].tolist() if u not in failures]
-    if not ids:
-        return None
     rng = np.random.default_rng(seed)
     picked, frames = [], 0
-    for k in rng.permutation(len(ids)):
-        if frames >= max_frames:
-            break
-        picked.append(ids[k])
-        frames += st.num_frames(ids[k])
+    if st.format_version >= 2:      # sample positions: never every id of a corpus-sized store
+        tries, seen = 0, set()
+        while frames < max_frames and tries < 64 * max(1, max_frames // 100):
+            tries += 1
+            pos = int(rng.integers(0, len(idx)))
+            off, n, s = idx.entry(pos)
+            u = idx.id_at(pos)
+            if s in done and u not in failures and u not in seen:
+                seen.add(u)
+                picked.append(u)
+                frames += n
+    else:
+        ok = np.flatnonzero(np.isin(idx.shard, np.fromiter(done, np.int32, len(done))))
+        ids = [u for u in idx.ids[ok].tolist() if u not in failures]
+        for k in rng.permutation(len(ids)):
+            if frames >= max_frames:
+                break
+            picked.append(ids[k])
+            frames += st.num_frames(ids[k])
+    if not picked:
+        return None
     counts = np.zeros((st.width, st.codebook_size), np.int64)
     for i in range(0, len(picked), 256):
         for a in st.get_many(picked[i:i + 256]):
@@ -98,7 +110,8 @@ def summarize(st: CIStore, entropy_frames: int = 100_000, dim: int | None = None
 def compare_rows(stores: list[CIStore], dim: int | None = None) -> list[dict]:
     """One row per store: bytes, bytes/frame and ratio vs float32 labels of the same frames."""
     rows = []
-    ref = stores[0].meta.get("utterances_sha256") if stores else None
+    key = "utterances_sha256" if stores and stores[0].meta.get("utterances_sha256") else "utterances_hash_sha256"
+    ref = stores[0].meta.get(key) if stores else None
     for st in stores:
         meta = st.meta
         nbytes = storage_bytes(st)
@@ -114,5 +127,5 @@ def compare_rows(stores: list[CIStore], dim: int | None = None) -> list[dict]:
                      "float32_bytes": f32, "ratio_vs_float32": (f32 / nbytes) if f32 and nbytes else None,
                      "label_ratio_vs_float32": (f32 / (nbytes - qbytes)) if f32 and nbytes > qbytes else None,
                      "shards_complete": len(st.completed_shards()), "shards_total": meta["num_shards"],
-                     "same_utterances": meta.get("utterances_sha256") == ref})
+                     "same_utterances": meta.get(key) == ref if meta.get(key) else None})
     return rows

@@ -18,15 +18,18 @@ import numpy as np
 import zarr
 
 from .completion import (CLAIMS_PREFIX, build_claim, build_record, claim_key, content_differences, data_sha256,
-                         decode_claim, decode_record, encode_record, same_labels, same_object, shard_from_done_key,
-                         writer_id)
+                         decode_claim, decode_manifest, decode_record, encode_manifest, encode_record, same_labels,
+                         same_object, shard_from_done_key, writer_id)
 from .errors import StoreError, name_some
 from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DONE_GROUP, MAX_FLOAT_CHUNK_FRAMES,
                      default_float_chunk_frames,
                      FORMAT_NAME, FORMAT_VERSION, KINDS, PAD_VALUE, check_meta, choose_chunk_frames, codes_dtype,
                      compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
 from .completion import check_record
-from .format import check_layout_limits, parse_json
+from .format import FORMAT_VERSIONS, MANIFEST_KEY, check_layout_limits, parse_json
+from . import hashindex
+from .hashindex import HashIndex
+from .plan import Shard
 from .fsio import ObjectStore, RetryPolicy, normalize_url
 from .index import LOOKUPS, UtteranceIndex
 from .plan import ShardPlan
@@ -71,6 +74,8 @@ class _Handle:
             raise StoreError(f"{url}: array {array!r} layout {got} does not match the store metadata {expect}")
         self.reader = ShardReader(self.objects, array, self.layout)
         self.records: dict[int, dict] = {}
+        self.manifest_read = False      # v2: looked for done/manifest.json.zst (its records are then in .records)
+        self.all_complete = False       # v2: a manifest was found, so every shard is complete
         self._group = None
         self.mode = mode
 
@@ -98,7 +103,7 @@ class CIStore:
             raise StoreError(f"retry must be a ci_store.fsio.RetryPolicy, got {type(retry).__name__}")
         self.retry = retry          # None: fsio.DEFAULT_RETRY
         self._h: _Handle | None = None
-        self._index: UtteranceIndex | None = None
+        self._index: UtteranceIndex | HashIndex | None = None
         self._plan: ShardPlan | None = None
         self._ids: list[str] | None = None
         self._lock = threading.Lock()
@@ -150,12 +155,36 @@ class CIStore:
     array_name = property(lambda self: self._handle().meta["array"])
     layout = property(lambda self: self._handle().layout)
 
+    format_version = property(lambda self: int(self._handle().meta["format_version"]))
+
     @property
-    def index(self) -> UtteranceIndex:
+    def index(self) -> UtteranceIndex | HashIndex:
+        """The utterance index: v1 loaded whole (dict or sorted lookup); v2 mapped, read on demand (hash lookup)."""
         if self._index is None:
             h = self._handle()
-            self._index = UtteranceIndex.read(h.objects, h.meta, self.url, lookup=self.lookup)
+            if h.meta["format_version"] >= 2:
+                self._index = HashIndex.read(h.objects, h.meta, self.url)
+            else:
+                self._index = UtteranceIndex.read(h.objects, h.meta, self.url, lookup=self.lookup)
         return self._index
+
+    def _shard(self, shard: int) -> Shard:
+        """One shard of the plan, built from the index alone (the whole plan of a large store is GBs)."""
+        if self._plan is not None:
+            return self._plan.shards[shard]
+        idx = self.index
+        lo, hi = idx.shard_range(shard)
+        offs = np.asarray(idx.offsets[lo:hi] if isinstance(idx, UtteranceIndex) else idx.cols["offsets"].read(lo, hi),
+                          np.int64)
+        nf = np.asarray(idx.num_frames[lo:hi] if isinstance(idx, UtteranceIndex)
+                        else idx.cols["num_frames"].read(lo, hi), np.int64)
+        S = self.shard_frames
+        if hi <= lo or (offs // S != shard).any() or (offs[1:] != offs[:-1] + nf[:-1]).any() \
+                or offs[0] != shard * S or offs[-1] + nf[-1] > (shard + 1) * S:
+            raise StoreError(f"{self.url}: index entries of shard {shard} (positions {lo}..{hi - 1}) are not "
+                             f"contiguous from the shard start")
+        return Shard(shard, shard * S, int(nf.sum()), tuple(idx.ids_range(lo, hi)), tuple(offs.tolist()),
+                     tuple(nf.tolist()))
 
     @property
     def plan(self) -> ShardPlan:
@@ -193,14 +222,57 @@ class CIStore:
 
     # --- completion --------------------------------------------------------------------------------------------
     def completed_shards(self) -> set[int]:
+        """Shards with a completion record. Format v2 stores with a completion manifest (a complete store): one
+        GET; otherwise one listing of done/."""
         h = self._handle()
+        if self._read_manifest():
+            return set(range(self.num_shards))
         done = {shard_from_done_key(k) for k in h.objects.list_prefix(f"{DONE_GROUP}/")}
         return {s for s in done if s is not None and 0 <= s < self.num_shards}
+
+    def _read_manifest(self) -> bool:
+        """Load done/manifest.json.zst once per handle (v2); True when it exists (every shard is complete)."""
+        h = self._handle()
+        if h.meta["format_version"] < 2:
+            return False
+        if not h.manifest_read:
+            raw = h.objects.get(MANIFEST_KEY)
+            if raw is not None:
+                L = h.layout
+                recs = decode_manifest(raw, h.meta, self.url)
+                for s, rec in enumerate(recs):
+                    h.records[s] = check_record(rec, s, self.array_name, L.index_nbytes, L.max_object_nbytes,
+                                                f"{self.url} ({MANIFEST_KEY})")
+                h.all_complete = True
+            h.manifest_read = True
+        return h.all_complete
+
+    def write_completion_manifest(self) -> bool:
+        """Format v2: once every shard is complete, write done/manifest.json.zst holding every completion record, so
+        a reader finds completion and failures with one GET instead of a listing and a GET per shard. Returns
+        whether it was written (False: some shard is incomplete, or a v1 store). The per-shard records stay the
+        truth; the manifest is their copy, written only from a complete store, byte-identical whoever writes it,
+        and deleted by write_shard(replace=True) before it changes a record (docs/store-format.md)."""
+        if self.mode == "r":
+            raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write the manifest")
+        h = self._handle()
+        if h.meta["format_version"] < 2:
+            return False
+        done = {shard_from_done_key(k) for k in h.objects.list_prefix(f"{DONE_GROUP}/")}
+        if not set(range(self.num_shards)) <= done:
+            return False
+        for s in range(self.num_shards):          # fresh reads of the records themselves, never of a manifest
+            h.records.pop(s, None)
+        h.manifest_read, h.all_complete = True, False
+        recs = self._records(range(self.num_shards))
+        h.objects.set(MANIFEST_KEY, encode_manifest(recs, h.meta["plan_sha256"], self.num_shards))
+        h.manifest_read = h.all_complete = True
+        return True
 
     def is_shard_complete(self, shard: int) -> bool:
         self._check_shard_number(shard)
         h = self._handle()
-        return shard in h.records or h.objects.exists(done_key(shard))
+        return shard in h.records or self._read_manifest() or h.objects.exists(done_key(shard))
 
     def shard_record(self, shard: int) -> dict:
         """The completion record of a complete shard; StoreError naming the shard if it is not complete."""
@@ -208,7 +280,10 @@ class CIStore:
 
     def _records(self, shards) -> dict[int, dict]:
         h = self._handle()
+        shards = list(shards)
         missing = sorted({s for s in shards if s not in h.records})
+        if missing and self._read_manifest():
+            missing = sorted({s for s in shards if s not in h.records})
         for s in missing:
             self._check_shard_number(s)
         for s, raw in zip(missing, h.objects.get_many([done_key(s) for s in missing])):
@@ -265,7 +340,7 @@ class CIStore:
             raise StoreError(f"{self.url} is open read-only; open it with mode='r+' to write shards")
         self._check_shard_number(shard)
         h = self._handle()
-        sh = self.plan.shards[shard]
+        sh = self._shard(shard)
         failures = {} if failures is None else dict(failures)
         members = set(sh.utt_ids)
         for what, keys in (("arrays", arrays), ("failures", failures)):
@@ -296,10 +371,14 @@ class CIStore:
             old = decode_record(existing, shard, self.url)
             if not replace or same_labels(old, mine):
                 return self._settle(shard, old, mine, block, tidy=True)
+            if h.meta["format_version"] >= 2:       # the manifest copies this record: gone before it changes
+                h.objects.delete(MANIFEST_KEY)
+                h.manifest_read, h.all_complete = True, False
             h.objects.delete(done_key(shard))
             h.records.pop(shard, None)
         payload = layout.encode(block)
-        record = build_record(self.array_name, sh, layout.shard_frames, failures, block_sha, payload)
+        record = build_record(self.array_name, sh, layout.shard_frames, failures, block_sha, payload,
+                              format_version=h.meta["format_version"])
         return self._commit(shard, record, payload, block)
 
     def _commit(self, shard: int, record: dict, payload: bytes | None, block: np.ndarray) -> dict:
@@ -376,7 +455,7 @@ class CIStore:
     def _differing_utterances(self, shard: int, theirs: dict, block: np.ndarray) -> list[str] | None:
         """Utterances whose stored rows differ from ours (both written), read from the stored shard; None if it
         cannot be read (then the error names the checksums only)."""
-        sh = self.plan.shards[shard]
+        sh = self._shard(shard)
         try:
             (rows,) = self._handle().reader.read([(shard, 0, sh.size)], {shard: int(theirs["object_nbytes"])})
         except Exception:  # noqa: BLE001 - an explanation, not a check: fall back to the checksums
@@ -448,7 +527,7 @@ class CIStore:
     def read_shard(self, shard: int, include_failed: bool = False) -> list[tuple[str, np.ndarray]]:
         """All utterances of one shard (one read of its used rows); failed ones skipped unless include_failed."""
         self._check_shard_number(shard)
-        sh = self.plan.shards[shard]
+        sh = self._shard(shard)
         rec = self._records([shard])[shard]
         (rows,) = self._handle().reader.read([(shard, 0, sh.size)], self._sizes([shard]))
         out = []
@@ -506,8 +585,12 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
            dim: int | None = None, dtype=None, frame_rate: float, teacher: dict | None = None,
            quantizer: dict | None = None, storage_options: dict | None = None, exist_ok: bool = False,
            extra: dict | None = None, compressor: str | None = None, chunk_frames: int | None = None,
-           lookup: str = "auto", retry: RetryPolicy | None = None) -> CIStore:
+           lookup: str = "auto", retry: RetryPolicy | None = None, format_version: int | None = None) -> CIStore:
     """Create an empty store laid out by `plan` (index written now); shards are filled later by write_shard.
+
+    format_version: None writes FORMAT_VERSION (2: mapped hash index, completion manifest) for a new store and
+    continues an existing store in its own version on resume; 1 writes the format-v1 layout (for readers that
+    predate v2).
 
     exist_ok=True reopens a store made with the same plan, kind, shape, teacher and quantizer (to resume a job);
     any difference, or a path holding something that is not a ci-store, raises StoreError. Never overwrites data.
@@ -516,6 +599,8 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     """
     if not isinstance(plan, ShardPlan):
         raise StoreError(f"plan must be a ShardPlan (from plan_shards), got {type(plan).__name__}")
+    if format_version is not None and format_version not in FORMAT_VERSIONS:
+        raise StoreError(f"format_version must be one of {FORMAT_VERSIONS}, got {format_version!r}")
     if kind not in KINDS:
         raise StoreError(f"kind must be one of {KINDS}, got {kind!r}")
     frame_rate = _positive(frame_rate, "frame_rate", integer=False)
@@ -563,8 +648,24 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     q_sha = None
     if qarrays is not None:
         q_sha = arrays_sha256(qarrays)
+    url = normalize_url(url)
+    objects = ObjectStore(url, storage_options, read_only=False, retry=retry)
+    existing_meta = None
+    if not objects.is_empty():
+        root = objects.get("zarr.json")
+        try:
+            existing_meta = (json.loads(root).get("attributes") or {}).get(ATTRS_KEY) if root is not None else None
+        except (ValueError, AttributeError):
+            existing_meta = None
+    version = format_version
+    if version is None:
+        v = existing_meta.get("format_version") if isinstance(existing_meta, dict) else None
+        version = v if v in FORMAT_VERSIONS else FORMAT_VERSION
+    if version >= 2 and plan.num_utterances > hashindex.MAX_UTTERANCES:
+        raise StoreError(f"{url}: {plan.num_utterances} utterances, more than the {hashindex.MAX_UTTERANCES} a "
+                         f"format v2 store holds")
     meta = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "array": ARRAY_NAME[kind],
+        "format": FORMAT_NAME, "format_version": version, "kind": kind, "array": ARRAY_NAME[kind],
         "dtype": str(np.dtype(dt)), "width": width, "num_codebooks": num_codebooks if kind == "codes" else None,
         "codebook_size": codebook_size, "dim": dim, "frame_rate": frame_rate, "teacher": teacher,
         "quantizer_id": qid, "quantizer_sha256": q_sha,
@@ -572,11 +673,14 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         "num_utterances": plan.num_utterances, "num_shards": plan.num_shards, "shard_frames": S,
         "chunk_frames": chunk_frames, "pad_value": PAD_VALUE, "compressor": compressor_spec(cname, level),
         "chunk_order": "codebook-major" if layout.transpose else "frame-major",
-        "plan_sha256": plan.sha256(), "utterances_sha256": _utterances_sha256(plan),
         "created_by": created_by(), "extra": extra,
     }
-    url = normalize_url(url)
-    objects = ObjectStore(url, storage_options, read_only=False, retry=retry)
+    if version >= 2:
+        meta.update({"plan_sha256": hashindex.plan_digest(plan), "utterances_hash_sha256":
+                     hashindex.utterances_digest(plan), "id_hash": hashindex.HASH_NAME,
+                     "id_hash_bits": hashindex.ID_HASH_BITS, "index_block": hashindex.HASH_BLOCK})
+    else:
+        meta.update({"plan_sha256": plan.sha256(), "utterances_sha256": _utterances_sha256(plan)})
     if not objects.is_empty():
         keys = objects.list_all()
         root = objects.get("zarr.json")
@@ -592,7 +696,10 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
             existing = CIStore(url, storage_options, mode="r+", lookup=lookup, retry=retry)
             # defaults change between versions (float stores: issue 17); a resume that did not ask for a layout
             # continues the store's own, so its shards stay byte-identical to those already written
-            for key, given in (("compressor", compressor), ("chunk_frames", chunk_arg)):
+            for key, given in (("compressor", compressor), ("chunk_frames", chunk_arg),
+                               ("id_hash_bits", None), ("index_block", None)):
+                if key in ("id_hash_bits", "index_block") and key not in existing.meta:
+                    continue
                 if given is None:
                     meta[key] = existing.meta[key]
             diffs = _differences(existing.meta, meta)
@@ -608,7 +715,10 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
     group = zarr.open_group(objects.zarr_store, mode="w", zarr_format=3)
     group.create_array(ARRAY_NAME[kind], shape=(plan.padded_frames, width), dtype=layout.dtype,
                        **layout.zarr_codecs())
-    UtteranceIndex.from_plan(plan).write(group)
+    if version >= 2:
+        hashindex.write(group, objects, plan, meta["id_hash_bits"], meta["index_block"])
+    else:
+        UtteranceIndex.from_plan(plan).write(group)
     if qarrays is not None:
         write_quantizer(group, qid, qconfig, qarrays)
     group.create_group(DONE_GROUP, attributes={

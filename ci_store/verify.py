@@ -9,9 +9,10 @@ import hashlib
 
 import numpy as np
 
-from .completion import data_sha256, shard_from_done_key
+from . import hashindex
+from .completion import data_sha256, decode_manifest, decode_record, shard_from_done_key
 from .errors import StoreError, name_some
-from .format import DONE_GROUP, shard_key
+from .format import DONE_GROUP, MANIFEST_KEY, done_key, shard_key
 from .plan import layout_problems
 from .quantizer import arrays_sha256, read_quantizer
 from .store import CIStore, open_store
@@ -28,27 +29,38 @@ def verify_store(store: CIStore | str, storage_options: dict | None = None, chec
         return [str(e)]
     problems: list[str] = []
     S = meta["shard_frames"]
-    ids = idx.ids.tolist()
-    problems += [f"index: {p}" for p in layout_problems(S, ids, idx.offsets, idx.num_frames, idx.shard)]
-    problems += [f"index: {p}" for p in idx.sort_problems()]
-    n_shards = int(idx.shard.max()) + 1 if len(ids) else 0
-    for key, got in (("num_utterances", len(ids)), ("total_frames", int(idx.num_frames.sum())),
+    v2 = meta["format_version"] >= 2
+    try:
+        if v2:      # arrays, never a Python object per utterance (80M ids)
+            problems += [f"index: {p}" for p in idx.problems()]
+        else:
+            ids = idx.ids.tolist()
+            problems += [f"index: {p}" for p in layout_problems(S, ids, idx.offsets, idx.num_frames, idx.shard)]
+            problems += [f"index: {p}" for p in idx.sort_problems()]
+    except StoreError as e:
+        return [f"index: {e}"]
+    shard = idx.shard
+    n_shards = int(shard.max()) + 1 if len(idx) else 0
+    for key, got in (("num_utterances", len(idx)), ("total_frames", int(idx.num_frames.sum())),
                      ("num_shards", n_shards), ("padded_frames", n_shards * S)):
         if meta[key] != got:
             problems.append(f"metadata {key}={meta[key]} but the index gives {got}")
     if problems:
         return problems          # the layout itself is broken; shard checks would only repeat it
-    if st.plan.sha256() != meta["plan_sha256"]:
+    plan = idx.to_plan(S)
+    if (hashindex.plan_digest(plan) if v2 else plan.sha256()) != meta["plan_sha256"]:
         problems.append("index does not match plan_sha256 in the metadata")
 
     h = st._handle()
     listed = h.objects.list_prefix(f"{DONE_GROUP}/")
-    stray = [k for k in listed if k != f"{DONE_GROUP}/zarr.json" and
+    stray = [k for k in listed if k != f"{DONE_GROUP}/zarr.json" and not (v2 and k == MANIFEST_KEY) and
              (shard_from_done_key(k) is None or not 0 <= shard_from_done_key(k) < n_shards)]
     if stray:
         problems.append(f"unexpected objects under {DONE_GROUP}/: {name_some(stray)}")
-    done = st.completed_shards()
+    done = {s for s in (shard_from_done_key(k) for k in listed) if s is not None and 0 <= s < n_shards}
     missing = [s for s in range(n_shards) if s not in done]
+    if v2 and MANIFEST_KEY in listed:
+        problems += _manifest_problems(st, h, n_shards)
     if missing:
         problems.append(f"{len(missing)} of {n_shards} shards not complete: {name_some(missing)}")
     array_keys = h.objects.list_prefix(f"{meta['array']}/c/")
@@ -65,7 +77,7 @@ def verify_store(store: CIStore | str, storage_options: dict | None = None, chec
         except StoreError as e:
             problems.append(f"{where}: {e}")
             continue
-        sh = st.plan.shards[s]
+        sh = plan.shards[s]
         for k, want in (("frames", sh.size), ("num_utterances", len(sh)), ("start", sh.start), ("capacity", S)):
             if rec.get(k) != want:
                 problems.append(f"{where}: completion record says {k}={rec.get(k)}, plan says {want}")
@@ -104,6 +116,21 @@ def verify_store(store: CIStore | str, storage_options: dict | None = None, chec
             progress(s)
     problems += _quantizer_problems(st, meta)
     return problems
+
+
+def _manifest_problems(st: CIStore, h, n_shards: int) -> list[str]:
+    """The completion manifest must copy the per-shard records exactly (a stale one would misdirect readers)."""
+    try:
+        recs = decode_manifest(h.objects.get(MANIFEST_KEY) or b"", st.meta, st.url)
+    except StoreError as e:
+        return [str(e)]
+    raws = h.objects.get_many([done_key(s) for s in range(n_shards)])
+    bad = []
+    for s, (rec, raw) in enumerate(zip(recs, raws)):
+        if raw is None or decode_record(raw, s, st.url) != rec:
+            bad.append(s)
+    return [f"{MANIFEST_KEY} disagrees with the completion records of shards {name_some(bad)} (stale: delete it, "
+            f"or rewrite it with CIStore.write_completion_manifest)"] if bad else []
 
 
 def _value_problems(st: CIStore, sh, block: np.ndarray, failures: dict) -> list[str]:

@@ -119,7 +119,7 @@ def make_store(url, opts=None, quantizer=None):
     utts = [(f"utt{i:02d}", 300) for i in range(12)]            # 6 per shard: 1800 of 2048 frames
     data = {u: rng.integers(0, 256, (n, NCB)).astype(np.uint8) for u, n in utts}
     st = create(url, plan_shards(utts, SHARD), num_codebooks=NCB, frame_rate=50.0, chunk_frames=CHUNK,
-                storage_options=opts, quantizer=quantizer)
+                storage_options=opts, quantizer=quantizer, format_version=1)   # v2 index: test_store_v2.py
     for sh in st.plan.shards:
         st.write_shard(sh.index, {u: data[u] for u in sh.utt_ids})
     return data
@@ -155,7 +155,7 @@ def test_checked_decoders_read_what_zarr_writes(tmp_path, monkeypatch):
               "scale": np.array(3.5), "flags": np.array([True, False]), "to_logits.bias": np.arange(3, dtype="<i8")}
     utts = [(f"u{i}", 30) for i in range(11)]
     st = create(str(tmp_path / "m"), plan_shards(utts, 64), num_codebooks=4, frame_rate=50.0,
-                quantizer={"id": "q", "config": {"dim": 8}, "arrays": arrays})
+                quantizer={"id": "q", "config": {"dim": 8}, "arrays": arrays}, format_version=1)
     for sh in st.plan.shards:
         st.write_shard(sh.index, {u: np.full((30, 4), sh.index, np.uint8) for u in sh.utt_ids})
     ro = open_store(str(tmp_path / "m"))

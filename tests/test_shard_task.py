@@ -61,7 +61,10 @@ def _manifest(path, entries, prefix="") -> str:
 def _in_process(manifest, cfg, **plan_kw):
     """Every shard task run here, in this process, in plan order (no Dask: fault filesystems stay registered)."""
     _, tasks = prepare(manifest, cfg, shard_frames=plan_kw.pop("shard_frames", SHARD), **plan_kw)
-    return [run_shard(cfg, i, utts, nested) for i, utts, nested in sorted(tasks, key=lambda t: t[0])]
+    out = [run_shard(cfg, i, utts, nested) for i, utts, nested in sorted(tasks, key=lambda t: t[0])]
+    for url in [cfg.out, *(u for u, _ in cfg.float_targets())]:     # as run_extraction ends (format v2)
+        open_store(url, mode="r+").write_completion_manifest()
+    return out
 
 
 # ------------------------------------------------------------------------------------ transient vs permanent
@@ -127,7 +130,9 @@ def test_retry_failed_redoes_only_the_failed_utterances(reference, corpus, model
     _in_process(manifest, _cfg(models, clean / "ci", float_labels=[str(clean / "f16")]))
     assert _files(f16) == _files(clean / "f16")
     rewritten = {p.relative_to(out).as_posix() for p, t in objects.items() if p.stat().st_mtime_ns != t}
-    assert rewritten == {f"codes/c/{victim_shard}/0", f"done/shard-{victim_shard:06d}.json"}, rewritten
+    # the completion manifest copies the replaced record: deleted before it, rewritten after the job
+    assert rewritten == {f"codes/c/{victim_shard}/0", f"done/shard-{victim_shard:06d}.json",
+                         "done/manifest.json.zst"}, rewritten
     # nothing failed any more: a second --retry-failed has nothing to do
     res = CliRunner().invoke(cli, cmd + ["--retry-failed"])
     assert res.exit_code == 0 and f"{ci.num_shards} already complete" in res.output, res.output
@@ -255,6 +260,8 @@ def test_preempted_shard_task_resumes_after_its_last_finished_segment(reference,
         if t[0] != shard:
             run_shard(cfg, *t)
     assert not (out / "partial").exists()
+    for url in [cfg.out, *(u for u, _ in cfg.float_targets())]:     # as run_extraction ends (format v2)
+        open_store(url, mode="r+").write_completion_manifest()
     assert _files(out) == _files(reference)
     if floats:
         clean = tmp_path / "clean"

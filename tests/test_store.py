@@ -179,7 +179,10 @@ def test_tail_padding_and_failed_rows_are_zero(tmp_path, utts, data):
     assert not z[off:off + n].any()
 
 
-def test_index_lookup_dict_and_sorted_paths(full_store):
+def test_index_lookup_dict_and_sorted_paths(tmp_path, utts, data):
+    full_store = create(str(tmp_path / "v1"), plan_shards(utts, 256), num_codebooks=NCB, frame_rate=50.0,
+                        chunk_frames=32, format_version=1)      # the v1 index's two lookups (v2: test_store_v2.py)
+    fill(full_store, data)
     ids = full_store.ids
     by_dict = open_store(full_store.url, lookup="dict")
     by_sort = open_store(full_store.url, lookup="sorted")
@@ -193,6 +196,15 @@ def test_index_lookup_dict_and_sorted_paths(full_store):
         assert "spk0-utt9999" not in st and 17 not in st
     idx = UtteranceIndex(["b", "a", "c"], [0, 5, 9], [5, 4, 1], [0, 0, 0])
     assert idx.sort_order.tolist() == [1, 0, 2] and idx.sort_problems() == []
+
+
+def test_sorted_lookup_finds_ids_of_16_bytes_and_more():
+    """numpy 2.4's searchsorted on StringDType misplaces strings of >= 16 bytes; the sorted path must not use it
+    (it is the default above 2M utterances, and corpus ids such as GigaSpeech's are ~30 bytes)."""
+    ids = [f"gigaspeech-POD{k // 3:010d}_S{k % 3:07d}" for k in range(50)][::-1] + ["a", "0235-102353-0038"]
+    idx = UtteranceIndex(ids, np.arange(len(ids)), np.ones(len(ids)), np.zeros(len(ids)), lookup="sorted")
+    assert [idx.position(u) for u in ids] == list(range(len(ids)))
+    assert "gigaspeech-POD0000000000_S0000003" not in idx and "zz" not in idx and "" not in idx
 
 
 def test_uint16_codes_for_large_codebooks(tmp_path):

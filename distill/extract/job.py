@@ -452,6 +452,10 @@ def run_extraction(manifest, cfg: ExtractionConfig, *, workers: int | None = Non
             client.close()
             if owned is not None:
                 owned.close()
+    # format v2: once every shard is complete, one manifest object replaces the listing of done/ and a GET per
+    # record for every reader (written after all tasks: the per-shard records stay the truth; same bytes on rerun)
+    for url in [cfg.out, *(u for u, _ in cfg.float_targets())]:
+        open_store(url, mode="r+", storage_options=cfg.storage_options or None).write_completion_manifest()
     store = open_store(cfg.out, mode="r", storage_options=cfg.storage_options or None)
     float_failures = {url: open_store(url, mode="r", storage_options=cfg.storage_options or None).failures()
                       for url, _ in cfg.float_targets()}
