@@ -34,7 +34,7 @@ from distill.experiment import (Sizes, difference_table, extraction_table, extra
                                 storage_table)
 
 EXPERIMENT = Sizes(hours=1.2, student_hours=1.0, dev_hours=0.1, test_hours=0.15, teacher="whisper-tiny.en",
-                   teacher_layer=4, num_codebooks=4, sample_utterances=400, student_epochs=10,
+                   teacher_layer=4, num_codebooks=4, sample_utterances=400, student_epochs=8,
                    student_max_seconds=30.0, student_warmup_steps=50, rnnt_loss="pruned",
                    kd_runs=("none", "l1", "l2", "mvq", "mvq8", "online-l2", "online-mvq"), online_max_steps=100,
                    seeds=(0, 1, 2), multi_seed_runs=("none", "l2", "mvq"), parallel_runs=2)

@@ -18,6 +18,10 @@ from ci_store.verify import verify_store
 NCB = 8
 SHARD, CHUNK = 2048, 1024          # two 8 KiB inner chunks per shard
 SMALL = 16 << 20                   # what a refused read may allocate at most (traced peak)
+# On S3 the moto server runs in this process (session fixture): tracemalloc also traces its threads while they
+# serve the read, and their share grows with what earlier tests left in the server (20.1 MB peak seen in a
+# full-suite run, under 16 MB alone). Still far below what the crafted stores claim (1 TiB).
+SMALL_S3 = 64 << 20
 MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -25,7 +29,7 @@ def _crc(b: bytes) -> bytes:
     return crc32c.crc32c(b).to_bytes(4, "little")
 
 
-def refused(call, match=None):
+def refused(call, match=None, small=SMALL):
     """Run call(); it must raise StoreError (matching `match`) with a small traced allocation peak.
 
     The address space is capped meanwhile (1 GiB above what the process maps now), so that a reader that does
@@ -43,7 +47,7 @@ def refused(call, match=None):
     finally:
         tracemalloc.stop()
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    assert peak < SMALL, f"refusing took {peak} bytes of allocations"
+    assert peak < small, f"refusing took {peak} bytes of allocations"
     return str(e.value)
 
 
@@ -364,9 +368,9 @@ def test_hostile_shards_on_s3(s3_bucket, tmp_path):
     t.shard(1, edit_index=lambda idx: idx.__setitem__(0, (0, 1 << 40)))
     # opened outside the measured call: the first S3 request of a process loads botocore's models (~20 MB)
     st = open_store(url, storage_options=opts)
-    refused(lambda: st[first_of_shard(0)], "codes/c/0/0")
-    refused(lambda: st[first_of_shard(1)], "codes/c/1/0")
+    refused(lambda: st[first_of_shard(0)], "codes/c/0/0", SMALL_S3)
+    refused(lambda: st[first_of_shard(1)], "codes/c/1/0", SMALL_S3)
     cached = open_store(f"simplecache::{url}",                        # reads ranges from a local copy
                         storage_options={"s3": opts, "simplecache": {"cache_storage": str(tmp_path / "c")}})
-    refused(lambda: cached[first_of_shard(1)], "codes/c/1/0")
+    refused(lambda: cached[first_of_shard(1)], "codes/c/1/0", SMALL_S3)
     assert sorted(p.split(":")[0] for p in verify_store(url, storage_options=opts)) == ["shard 0", "shard 1"]
