@@ -20,6 +20,7 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from .errors import StoreError, name_some
+from . import indexcache
 from .format import INDEX_GROUP
 from .fsio import ObjectStore
 from .plainarray import parse_array
@@ -80,14 +81,17 @@ def hash_table(keys: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np
 class Column:
     """A 1-D array stored as one raw object: memory-mapped on local disk, else read in cached ranged blocks."""
 
-    def __init__(self, objects: ObjectStore, path: str, dtype: np.dtype, n: int, where: str):
+    def __init__(self, objects: ObjectStore, path: str, dtype: np.dtype, n: int, where: str,
+                 file: str | None = None):
+        """file: a local copy of the object to map (indexcache), else the store's own file when it is local."""
         self.objects, self.key, self.n, self.where = objects, f"{path}/c/0", n, f"{where}/{path}"
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self._map = None
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
-        if objects.local and n:
+        if objects.local and file is None:
             file = os.path.join(objects.url, *self.key.split("/"))
+        if file is not None and n:
             try:
                 size = os.path.getsize(file)
             except OSError:
@@ -156,6 +160,8 @@ class HashIndex:
         self.bits, self.block = meta["id_hash_bits"], meta["index_block"]
         self.id_nbytes = len(cols["id_bytes"])
         self.where = f"{where}/{INDEX_GROUP}"
+        self.cache_files: dict[str, str] = {}       # index_cache: the local copies mapped ({} : none)
+        self.cache_downloaded: list[str] = []      # the arrays this process downloaded into the cache
 
     def __len__(self) -> int:
         return self.n
@@ -278,14 +284,15 @@ class HashIndex:
 
     # --- storage -----------------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, objects: ObjectStore, meta: dict, where: str) -> "HashIndex":
+    def read(cls, objects: ObjectStore, meta: dict, where: str, index_cache="auto") -> "HashIndex":
         """Open the index of a v2 store whose metadata passed check_meta: each array's zarr.json (shape, type,
-        one raw chunk), then the two small arrays held in memory (shard_starts, hash_fence), checked."""
+        one raw chunk), then the two small arrays held in memory (shard_starts, hash_fence), checked.
+        index_cache (remote stores): "auto", a directory or None/False; see indexcache.choose_dir."""
         n, block = meta["num_utterances"], meta["index_block"]
         names = list(V2_ARRAYS)
         paths = [f"{INDEX_GROUP}/{k}" for k in names]
         raws = objects.get_many([f"{p}/zarr.json" for p in paths])
-        cols = {}
+        shapes = {}
         for name, path, raw in zip(names, paths, raws):
             a = parse_array(raw, path, where, codecs=("bytes",))
             want = {"shard_starts": meta["num_shards"] + 1, "hash_fence": -(-n // block)}.get(name, n)
@@ -298,7 +305,18 @@ class HashIndex:
                 raise StoreError(f"{a.where}: shape {a.shape}, type {a.dtype}, chunks {a.chunks}; expected "
                                  f"({want},) {V2_ARRAYS[name]} in one chunk (num_utterances={n}, "
                                  f"num_shards={meta['num_shards']}, index_block={block})")
-            cols[name] = Column(objects, path, a.dtype, want, where)
+            shapes[name] = (path, a.dtype, want)
+        files, downloaded = {}, []
+        if not objects.local:
+            arrays = {name: (f"{path}/c/0", want * np.dtype(dt).itemsize)
+                      for name, (path, dt, want) in shapes.items() if want}
+            cache_dir = indexcache.choose_dir(index_cache, sum(size for _, size in arrays.values()))
+            if cache_dir is not None:
+                got = indexcache.local_copy(objects, meta, arrays, cache_dir, f"{where}/{INDEX_GROUP}")
+                if got is not None:
+                    files, downloaded = got
+        cols = {name: Column(objects, path, dt, want, where, files.get(name))
+                for name, (path, dt, want) in shapes.items()}
         starts = cols["shard_starts"].all().astype(np.int64)
         if starts[0] != 0 or starts[-1] != n or (np.diff(starts) < 1).any():
             raise StoreError(f"{where}/{INDEX_GROUP}/shard_starts: not strictly increasing from 0 to {n} "
@@ -306,7 +324,9 @@ class HashIndex:
         fence = np.array(cols["hash_fence"].all())
         if len(fence) > 1 and not (fence[1:] >= fence[:-1]).all():
             raise StoreError(f"{where}/{INDEX_GROUP}/hash_fence: not sorted")
-        return cls(cols, starts, fence, meta, where)
+        out = cls(cols, starts, fence, meta, where)
+        out.cache_files, out.cache_downloaded = files, downloaded
+        return out
 
 
 def write(group: zarr.Group, objects: ObjectStore, plan, bits: int, block: int) -> None:

@@ -27,7 +27,7 @@ from .format import (ARRAY_NAME, ATTRS_KEY, DEFAULT_CODES_CHUNK_FRAMES, DONE_GRO
                      compressor_spec, created_by, done_key, float_dtype, parse_compressor, shard_key)
 from .completion import check_record
 from .format import FORMAT_VERSIONS, MANIFEST_KEY, check_layout_limits, parse_json
-from . import hashindex
+from . import hashindex, indexcache
 from .hashindex import HashIndex
 from .plan import Shard
 from .fsio import ObjectStore, RetryPolicy, normalize_url
@@ -90,7 +90,7 @@ class CIStore:
     """One ci-store: metadata, index lookup, shard writes and utterance reads. Use create() / open_store()."""
 
     def __init__(self, url, storage_options: dict | None = None, mode: str = "r", lookup: str = "auto",
-                 _lazy: bool = False, retry: RetryPolicy | None = None):
+                 _lazy: bool = False, retry: RetryPolicy | None = None, index_cache="auto"):
         if mode not in MODES:
             raise StoreError(f"mode must be one of {MODES}, got {mode!r}")
         if lookup not in LOOKUPS:
@@ -99,6 +99,7 @@ class CIStore:
         self.storage_options = dict(storage_options or {})
         self.mode = mode
         self.lookup = lookup
+        self.index_cache = indexcache.check_option(index_cache)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise StoreError(f"retry must be a ci_store.fsio.RetryPolicy, got {type(retry).__name__}")
         self.retry = retry          # None: fsio.DEFAULT_RETRY
@@ -126,11 +127,11 @@ class CIStore:
 
     def __getstate__(self) -> dict:
         return {"url": self.url, "storage_options": self.storage_options, "mode": self.mode, "lookup": self.lookup,
-                "retry": self.retry}
+                "retry": self.retry, "index_cache": self.index_cache}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["url"], state["storage_options"], state["mode"], state["lookup"], _lazy=True,
-                      retry=state.get("retry"))
+                      retry=state.get("retry"), index_cache=state.get("index_cache", "auto"))
 
     def __repr__(self) -> str:
         return f"CIStore({self.url!r}, mode={self.mode!r})"
@@ -163,7 +164,7 @@ class CIStore:
         if self._index is None:
             h = self._handle()
             if h.meta["format_version"] >= 2:
-                self._index = HashIndex.read(h.objects, h.meta, self.url)
+                self._index = HashIndex.read(h.objects, h.meta, self.url, self.index_cache)
             else:
                 self._index = UtteranceIndex.read(h.objects, h.meta, self.url, lookup=self.lookup)
         return self._index
@@ -549,10 +550,13 @@ class CIStore:
 
 # --- create / open ------------------------------------------------------------------------------------------------
 def open_store(url, mode: str = "r", storage_options: dict | None = None, lookup: str = "auto",
-               retry: RetryPolicy | None = None) -> CIStore:
+               retry: RetryPolicy | None = None, index_cache="auto") -> CIStore:
     """Open an existing store. StoreError (naming the path) if it is not a ci-store or its format is newer.
-    retry: how transient storage errors are retried (ci_store.fsio.RetryPolicy; default fsio.DEFAULT_RETRY)."""
-    return CIStore(url, storage_options, mode=mode, lookup=lookup, retry=retry)
+    retry: how transient storage errors are retried (ci_store.fsio.RetryPolicy; default fsio.DEFAULT_RETRY).
+    index_cache (remote format v2 stores): "auto" copies an index over 64 MiB once per host into
+    $CI_STORE_INDEX_CACHE (default ~/.cache/ci-store/index; "off" disables) and maps it; a directory forces
+    the copy there; None/False reads the index by ranged requests (docs/store-format.md, "Index cache")."""
+    return CIStore(url, storage_options, mode=mode, lookup=lookup, retry=retry, index_cache=index_cache)
 
 
 def _positive(x, what: str, integer: bool = True):
