@@ -3,6 +3,7 @@ stores at full size, shard data for a sample of shards only (issue 19; numbers i
 
     nice -n 10 .venv/bin/python bench/store_scale.py                         # 960h,10kh local + 960h on S3
     nice -n 10 .venv/bin/python bench/store_scale.py --sizes 960h,10kh,100kh --s3-sizes 960h,10kh
+    nice -n 10 .venv/bin/python bench/store_scale.py --sizes '' --s3-sizes 960h,10kh --s3-readers cache --skip-inspect
 
 Corpora (deterministic, numpy-vectorised): LibriSpeech-like 960 h (log-normal durations, mean ~12.3 s, ids like
 `1034-121119-0049`) and GigaSpeech-like 10k h / 100k h (mean ~4.5 s, ids like `gigaspeech-POD0000000001_S0000123`),
@@ -237,9 +238,13 @@ def child_read(args) -> dict:
     base = proc_status()
     res = {"lookup_mode": args.lookup, "baseline_rss_mib": base["VmRSS"]}
     t = time.perf_counter()
-    st = open_store(args.url, storage_options=storage_options(args), lookup=args.lookup)
-    st.locate(probe[0])                  # the index is loaded on first use
+    cache = None if args.index_cache in (None, "none") else args.index_cache
+    st = open_store(args.url, storage_options=storage_options(args), lookup=args.lookup, index_cache=cache)
+    st.locate(probe[0])                  # the index is loaded on first use (and copied to the index cache)
     res["open_s"] = time.perf_counter() - t
+    res["index_cache"] = args.index_cache
+    res["index_cache_downloaded"] = sorted(getattr(st.index, "cache_downloaded", []))
+    res["index_cache_mapped"] = len(getattr(st.index, "cache_files", {}))
     after = proc_status()
     res["open_rss_mib"] = after["VmHWM"] - base["VmRSS"]
     res["open_rss_anon_mib"] = after["RssAnon"] - base["RssAnon"]
@@ -312,6 +317,7 @@ def child_main(argv) -> None:
     p.add_argument("--url")
     p.add_argument("--storage-options")
     p.add_argument("--lookup", default="auto")
+    p.add_argument("--index-cache", default="none", help="open_store index_cache: a directory, or none")
     p.add_argument("--lookups", type=int, default=100_000)
     p.add_argument("--batches", type=int, default=51)
     p.add_argument("--sample-shards", type=int, default=4)
@@ -409,6 +415,10 @@ def main() -> None:
     p.add_argument("--s3-lookups", type=int, default=2_000)
     p.add_argument("--sample-shards", type=int, default=4)
     p.add_argument("--mem-limit-gb", type=float, default=18.0)
+    p.add_argument("--s3-readers", default="ranged,cache",
+                   help="S3 reader variants: ranged (index_cache=None, ranged block reads), cache (index_cache="
+                        "a fresh directory: a first process downloads, a second maps)")
+    p.add_argument("--skip-inspect", action="store_true", help="skip verify --no-data / inspect")
     p.add_argument("--keep", action="store_true", help="keep the stores (default: deleted after measuring)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=None)
@@ -436,13 +446,26 @@ def main() -> None:
         print(f"[{size}] create: {r['create']}", flush=True)
         if "error" not in r["create"]:
             r["facts"] = store_facts(url, o, r["create"]["utterances"])
-            modes = ("auto",) if on_s3 else ("dict", "sorted")
+            modes = ("dict", "sorted")
+            if on_s3:
+                readers = a.s3_readers.split(",")
+                modes = ("auto",) if "ranged" in readers else ()
             for mode in modes:
                 r[f"read_{mode}"] = run_child("read", name, url, o, common + ["--lookup", mode, "--lookups", lookups],
                                               a.timeout)
                 print(f"[{size}] read {mode}: {r[f'read_{mode}']}", flush=True)
-            r["inspect"] = run_child("inspect", name, url, o, common, a.timeout)
-            print(f"[{size}] inspect: {r['inspect']}", flush=True)
+            if on_s3 and "cache" in readers:
+                cache = os.path.join(a.out, f"index-cache-{name}")
+                shutil.rmtree(cache, ignore_errors=True)
+                for which in ("cache_first", "cache_second"):     # first process downloads, second maps
+                    r[f"read_{which}"] = run_child("read", name, url, o, common + [
+                        "--lookups", lookups, "--index-cache", cache], a.timeout)
+                    print(f"[{size}] read {which}: {r[f'read_{which}']}", flush=True)
+                if not a.keep:
+                    shutil.rmtree(cache, ignore_errors=True)
+            if not a.skip_inspect:
+                r["inspect"] = run_child("inspect", name, url, o, common, a.timeout)
+                print(f"[{size}] inspect: {r['inspect']}", flush=True)
             r["projection"] = projection(r)
             rd = r.get("read_auto") or r.get("read_sorted") or {}
             if on_s3 and "open_requests" in rd:
@@ -481,6 +504,21 @@ def main() -> None:
                 req.append([size, what, json.dumps(q["objects"]), json.dumps(q["s3"])])
     print()
     print(table(["store", "step", "ObjectStore calls (keys)", "s3 requests"], req))
+    cached = []
+    for size, r in results.items():
+        for which in ("auto", "cache_first", "cache_second"):
+            rd = r.get(f"read_{which}")
+            if rd and "open_s" in rd:
+                look = rd.get("lookup_requests", {})
+                cached.append([size, {"auto": "ranged (index_cache=None)", "cache_first": "cache: 1st process",
+                                      "cache_second": "cache: 2nd process"}[which],
+                               rd["open_s"], len(rd.get("index_cache_downloaded", [])), rd["lookups_per_s"],
+                               rd["after_lookups_rss_anon_mib"], rd.get("get_many_median_ms", float("nan")),
+                               json.dumps(look.get("s3", {}))])
+    if cached:
+        print()
+        print(table(["store", "S3 reader", "open s", "arrays downloaded", "lookups/s", "private MiB",
+                     "get_many ms", "lookup s3 requests"], cached))
     for size, r in results.items():
         if "s3_cost" in r:
             print(f"{size}: 64-GPU job S3 cost to open: {r['s3_cost']}")

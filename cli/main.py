@@ -9,7 +9,12 @@ from cli.errors import DEBUG_ENV, ErrorHandlingGroup, epilog
 @click.option("--debug", is_flag=True,
               help=f"Also print the Python traceback of errors reported as one `Error:` line (or set {DEBUG_ENV}=1).")
 def main(debug):
-    """ci-store: compress teacher labels for ASR knowledge distillation into codebook-index stores."""
+    """ci-store: compress teacher labels for ASR knowledge distillation into codebook-index stores.
+
+    Remote (s3://, gs://) format-v2 stores whose index exceeds 64 MiB copy it once per host into
+    $CI_STORE_INDEX_CACHE (default ~/.cache/ci-store/index) and map it there; set CI_STORE_INDEX_CACHE=off to
+    read the index by ranged requests instead, or to a directory to choose where the copy goes.
+    """
 
 
 def _register():
