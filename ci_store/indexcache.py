@@ -8,6 +8,7 @@ and mapping it gives every process the local numbers and one shared page cache (
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import logging
 import os
@@ -56,13 +57,17 @@ def choose_dir(index_cache, total_bytes: int) -> str | None:
     return index_cache
 
 
-def cache_key(meta: dict) -> str:
+def cache_key(meta: dict, url: str) -> str:
     """Names the index content: format version, plan digest (ids, frames, shards) and the hash table's
-    parameters (the hash arrays depend on them). The store records no per-array checksum; sizes are checked."""
+    parameters (the hash arrays depend on them), plus a digest of the store URL: a copy only ever serves the
+    store it came from, so another (untrusted) store claiming the same plan cannot plant its index for it.
+    The store records no per-array checksum; sizes are checked."""
     plan = str(meta.get("plan_sha256", ""))
     if not re.fullmatch(r"[0-9a-f]{64}", plan):       # check_meta already refuses this; never build odd paths
         raise StoreError(f"plan_sha256 {plan!r} is not a sha256 hex digest")
-    return f"v{int(meta['format_version'])}-{plan}-h{int(meta['id_hash_bits'])}-b{int(meta['index_block'])}"
+    where = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return (f"v{int(meta['format_version'])}-{plan}-h{int(meta['id_hash_bits'])}-b{int(meta['index_block'])}"
+            f"-u{where}")
 
 
 def _size_ok(path: str, size: int) -> bool:
@@ -100,7 +105,7 @@ def local_copy(objects, meta: dict, arrays: dict[str, tuple[str, int]], cache_di
     those missing or of the wrong size under an exclusive flock on `<cache_dir>/<key>.lock` (one process of the
     host downloads, the others wait and then map). Returns ({name: file}, names downloaded by this process), or
     None with an IndexCacheWarning when the directory cannot be written (the caller reads ranges instead)."""
-    key = cache_key(meta)
+    key = cache_key(meta, objects.url)
     folder = os.path.join(cache_dir, key)
     files = {name: os.path.join(folder, name) for name in arrays}
     if all(_size_ok(files[n], size) for n, (_, size) in arrays.items()):

@@ -90,7 +90,7 @@ def test_cached_index_reads_like_the_local_store_with_no_index_gets_after_open(s
     st = open_store(remote, storage_options=opts, index_cache=str(cache))   # forced on, far below 64 MiB
     idx = st.index
     assert sorted(idx.cache_downloaded) == sorted(idx.cache_files) == ARRAYS
-    key = indexcache.cache_key(st.meta)
+    key = indexcache.cache_key(st.meta, remote)
     assert key.startswith("v2-" + st.meta["plan_sha256"])
     assert sorted(os.listdir(cache)) == sorted([key, f"{key}.lock"])        # no temp file left behind
     assert sorted(os.listdir(cache / key)) == ARRAYS
