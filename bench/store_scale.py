@@ -261,12 +261,16 @@ def child_read(args) -> dict:
     res["after_lookups_rss_anon_mib"] = after["RssAnon"] - base["RssAnon"]
     res["lookup_requests"] = c.snapshot()
     c.reset()
-    t = time.perf_counter()
-    done = st.completed_shards()
-    res["completed_s"] = time.perf_counter() - t
-    res["completed"] = len(done)
-    res["completed_requests"] = c.snapshot()
-    c.reset()
+
+    def measured(name: str, call) -> None:
+        """res[name] = len(call()), with its time and the requests it made."""
+        t = time.perf_counter()
+        res[name] = len(call())
+        res[f"{name}_s"] = time.perf_counter() - t
+        res[f"{name}_requests"] = c.snapshot()
+        c.reset()
+
+    measured("completed", st.completed_shards)
     # get_many: batches of 32 random utterances of the shards that hold data (first batch: cold shard index)
     sample = sample_shards(st.num_shards, args.sample_shards)
     pool = [u for s in sample for u in (st._shard(s) if hasattr(st, "_shard") else st.plan.shards[s]).utt_ids]
@@ -280,11 +284,7 @@ def child_read(args) -> dict:
     res["get_many_median_ms"] = float(np.median(lat[1:])) * 1e3 if len(lat) > 1 else None
     res["get_many_requests"] = c.snapshot()
     c.reset()
-    t = time.perf_counter()
-    fails = st.failures()
-    res["failures_s"] = time.perf_counter() - t
-    res["failures"] = len(fails)
-    res["failures_requests"] = c.snapshot()
+    measured("failures", st.failures)
     res["peak_rss_mib"] = proc_status()["VmHWM"] - base["VmRSS"]
     return res
 

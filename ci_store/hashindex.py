@@ -22,6 +22,7 @@ from zarr.codecs import BytesCodec
 from .errors import StoreError, name_some
 from . import indexcache
 from .format import INDEX_GROUP
+from .index import ContainsByPosition
 from .fsio import ObjectStore
 from .plainarray import parse_array
 
@@ -147,7 +148,7 @@ class Column:
 
 
 # --- the index -------------------------------------------------------------------------------------------------
-class HashIndex:
+class HashIndex(ContainsByPosition):
     """Format v2 index of one store: id -> position through the hash table; entries read on demand."""
 
     lookup = "hash"
@@ -185,13 +186,6 @@ class HashIndex:
                 if self.id_at(r) == utt_id:
                     return r
         raise KeyError(f"utterance {utt_id!r} is not in the store")
-
-    def __contains__(self, utt_id) -> bool:
-        try:
-            self.position(utt_id)
-            return True
-        except KeyError:
-            return False
 
     def id_at(self, pos: int) -> str:
         ends = self.cols["id_ends"]

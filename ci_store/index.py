@@ -25,7 +25,18 @@ INDEX_DTYPES = {"ids": "string", "offsets": "int64", "num_frames": "int64", "sha
 MAX_ID_BYTES = 1024             # average UTF-8 bytes per utterance id a reader accepts in an ids chunk
 
 
-class UtteranceIndex:
+class ContainsByPosition:
+    """`in` for an index whose position() raises KeyError for an absent id (the v1 and the v2 index)."""
+
+    def __contains__(self, utt_id) -> bool:
+        try:
+            self.position(utt_id)
+            return True
+        except KeyError:
+            return False
+
+
+class UtteranceIndex(ContainsByPosition):
     def __init__(self, ids, offsets, num_frames, shard, sort_order=None, lookup: str = "auto"):
         if lookup not in LOOKUPS:
             raise StoreError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
@@ -78,13 +89,6 @@ class UtteranceIndex:
         if k < len(self._sorted) and self._sorted[k] == utt_id:
             return int(self.sort_order[k])
         raise KeyError(f"utterance {utt_id!r} is not in the store")
-
-    def __contains__(self, utt_id) -> bool:
-        try:
-            self.position(utt_id)
-            return True
-        except KeyError:
-            return False
 
     def entry(self, pos: int) -> tuple[int, int, int]:
         return int(self.offsets[pos]), int(self.num_frames[pos]), int(self.shard[pos])
