@@ -134,7 +134,10 @@ def layer_sweep(workdir: str, base: Sizes, layers: tuple, epochs: int) -> dict:
     the extraction time is clean), then one short MVQ student per layer (`parallel_runs` at a time) on the shared
     corpus; the best dev CER wins. Resumable like the pipeline; the chosen layer's quantizer and stores are reused by
     the main run (same corpus, sample, codebooks and seed make them the same files)."""
-    make_corpus(workdir, base)
+    t = make_corpus(workdir, base)
+    if t is not None:  # the main run finds the corpus made: keep its time for the report
+        with open(os.path.join(workdir, "timings.json"), "w") as f:
+            json.dump({"corpus": t}, f, indent=1)
     common = {"teacher_layer": None, "student_epochs": epochs, "seeds": (base.seed,), "multi_seed_runs": (),
               "online_max_steps": None}
 
