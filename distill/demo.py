@@ -13,9 +13,10 @@ from distill.experiment import Sizes, result_table, run_pipeline, speed_table, s
 # The bundled pre-trained teacher (Whisper tiny.en: 4 layers, 384-dim frames at 50 Hz), so no teacher training:
 # the teacher split only feeds the quantizer's frame sample. Students train on 0.15 h (about 36 batches of 15 s an
 # epoch, 10 epochs) from the CI store (mvq, 4 B/frame = 384x less than float32), the float16 store (l2), without KD,
-# and with the teacher and quantizer in the loop (online-mvq) for 20 steps only: enough to time it, whose
-# full-schedule time is then projected (speed table). Measured 2026-12-02: 9 min 29 s from a clean clone on 2 CPU
-# cores, install included (README); bench/paper_table.py is the experiment (docs/results.md).
+# and with the teacher and quantizer in the loop (online-mvq) for 20 steps only, right after 20 steps of its timing
+# twin from the CI store: enough to time both, whose full-schedule times are then projected (speed table). Measured
+# 2026-12-02: 7 min 35 s from a clean clone on 2 CPU cores, install included (README); bench/paper_table.py is the
+# experiment (docs/results.md).
 DEMO = Sizes(hours=0.2, student_hours=0.15, dev_hours=0.04, test_hours=0.04, teacher="whisper-tiny.en",
              teacher_layer=4, num_codebooks=4, sample_utterances=150, student_epochs=10, student_max_seconds=15.0,
              student_warmup_steps=30, kd_runs=("none", "mvq", "l2", "online-mvq"), online_max_steps=20)
