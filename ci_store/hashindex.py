@@ -217,6 +217,11 @@ class HashIndex(ContainsByPosition):
         except UnicodeDecodeError:
             raise StoreError(f"{self.where}/id_bytes: ids {lo}..{hi - 1} are not valid UTF-8") from None
 
+    def frames_range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, num_frames) of positions [lo, hi), int64, unchecked (the caller checks the layout)."""
+        return (self.cols["offsets"].read(lo, hi).astype(np.int64),
+                self.cols["num_frames"].read(lo, hi).astype(np.int64))
+
     def entry(self, pos: int) -> tuple[int, int, int]:
         """(offset, num_frames, shard) of a position, checked against the layout before anything uses it."""
         if not 0 <= pos < self.n:

@@ -100,6 +100,10 @@ class UtteranceIndex(ContainsByPosition):
     def ids_range(self, lo: int, hi: int) -> list[str]:
         return self.ids[lo:hi].tolist()
 
+    def frames_range(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, num_frames) of positions [lo, hi), int64."""
+        return self.offsets[lo:hi], self.num_frames[lo:hi]
+
     def id_at(self, pos: int) -> str:
         return str(self.ids[pos])
 

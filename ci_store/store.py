@@ -175,10 +175,7 @@ class CIStore:
             return self._plan.shards[shard]
         idx = self.index
         lo, hi = idx.shard_range(shard)
-        offs = np.asarray(idx.offsets[lo:hi] if isinstance(idx, UtteranceIndex) else idx.cols["offsets"].read(lo, hi),
-                          np.int64)
-        nf = np.asarray(idx.num_frames[lo:hi] if isinstance(idx, UtteranceIndex)
-                        else idx.cols["num_frames"].read(lo, hi), np.int64)
+        offs, nf = idx.frames_range(lo, hi)
         S = self.shard_frames
         if hi <= lo or (offs // S != shard).any() or (offs[1:] != offs[:-1] + nf[:-1]).any() \
                 or offs[0] != shard * S or offs[-1] + nf[-1] > (shard + 1) * S:
@@ -654,11 +651,12 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
         q_sha = arrays_sha256(qarrays)
     url = normalize_url(url)
     objects = ObjectStore(url, storage_options, read_only=False, retry=retry)
-    existing_meta = None
-    if not objects.is_empty():
-        root = objects.get("zarr.json")
+    empty = objects.is_empty()
+    root = None if empty else objects.get("zarr.json")
+    existing_meta = None        # the ci-store metadata already there (a resume), read once for the version and below
+    if root is not None:
         try:
-            existing_meta = (json.loads(root).get("attributes") or {}).get(ATTRS_KEY) if root is not None else None
+            existing_meta = (json.loads(root).get("attributes") or {}).get(ATTRS_KEY)
         except (ValueError, AttributeError):
             existing_meta = None
     version = format_version
@@ -685,25 +683,17 @@ def create(url, plan: ShardPlan, *, kind: str = "codes", num_codebooks: int | No
                      "id_hash_bits": hashindex.ID_HASH_BITS, "index_block": hashindex.HASH_BLOCK})
     else:
         meta.update({"plan_sha256": plan.sha256(), "utterances_sha256": _utterances_sha256(plan)})
-    if not objects.is_empty():
+    if not empty:
         keys = objects.list_all()
-        root = objects.get("zarr.json")
-        attrs = None
-        if root is not None:
-            try:
-                attrs = (json.loads(root).get("attributes") or {}).get(ATTRS_KEY)
-            except (ValueError, AttributeError):
-                attrs = None
-        if attrs is not None:
+        if existing_meta is not None:
             if not exist_ok:
                 raise StoreError(f"{url} already holds a ci-store; pass exist_ok=True to resume it")
             existing = CIStore(url, storage_options, mode="r+", lookup=lookup, retry=retry)
             # defaults change between versions (float stores: issue 17); a resume that did not ask for a layout
             # continues the store's own, so its shards stay byte-identical to those already written
-            for key, given in (("compressor", compressor), ("chunk_frames", chunk_arg),
-                               ("id_hash_bits", None), ("index_block", None)):
-                if key in ("id_hash_bits", "index_block") and key not in existing.meta:
-                    continue
+            kept = [("compressor", compressor), ("chunk_frames", chunk_arg)]
+            kept += [(key, None) for key in ("id_hash_bits", "index_block") if key in existing.meta]   # v2 only
+            for key, given in kept:
                 if given is None:
                     meta[key] = existing.meta[key]
             diffs = _differences(existing.meta, meta)
